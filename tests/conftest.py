@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny data, a temporary MLflow store, and the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from vaeexp.config import PROJECT_ROOT, register
+from vaeexp.data import write_idx
+from vaeexp.data.datasets import FILES
+
+register()
+
+# Small and fast: a few hundred of the bundled digits, no progress bar.
+TINY = ["data=mnist_bundled", "data.train_limit=400", "data.test_limit=100", "progress=false"]
+
+
+def make_cfg(*overrides: str) -> DictConfig:
+    """The config exactly as `python -m vaeexp <overrides>` composes it."""
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def write_fake_idx_set(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> None:
+    """Four valid IDX files in MNIST's layout, with random pixels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_x": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_y": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "test_x": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_y": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for key, name in FILES.items():
+        write_idx(folder / name, arrays[key])
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An empty project runs/ folder and SQLite MLflow store for one test, as env for the CLI."""
+    env = {
+        "VAEEXP_RUNS": str(tmp_path / "runs"),
+        "VAEEXP_DATA": str(tmp_path / "data"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    module: str = "vaeexp",
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """`python -m vaeexp ...` in a subprocess, from a neutral working folder."""
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or tempfile.gettempdir(),
+    )
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path):
+    """A real HTTP server on 127.0.0.1 serving a temporary folder; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Handler, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,81 @@
+"""Every bad value is refused with one line naming the key, before data or MLflow is touched."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_cfg, run_cli
+from vaeexp.config import Binarize, Optimizer
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("latent_dim=0", "latent_dim=0 is not allowed: must be an integer >= 1"),
+        ("batch_size=-5", "batch_size=-5 is not allowed: must be an integer >= 1"),
+        ("epsilon_std=abc", "epsilon_std=abc is not allowed: must be a number"),
+        ("epsilon_std=-1", "epsilon_std=-1.0 is not allowed: must be a finite number >= 0"),
+        ("epsilon_std=nan", "epsilon_std=nan is not allowed: must be a finite number >= 0"),
+        ("laten_dim=2", "unknown setting 'laten_dim' (did you mean 'latent_dim'?)"),
+        (
+            "data=nope",
+            "data=nope is not a known choice; allowed: fashion_mnist, kmnist, mnist, mnist_bundled",
+        ),
+        ("optimizer=sgd", "optimizer=sgd is not allowed: must be one of rmsprop, adam"),
+        ("epochs=1.5", "epochs=1.5 is not allowed: must be an integer"),
+        ("lr=0", "lr=0.0 is not allowed: must be a finite number > 0"),
+        (
+            "data.binarize=maybe",
+            "data.binarize=maybe is not allowed: must be one of none, static, dynamic",
+        ),
+        ("data.fallback=perhaps", "data.fallback=perhaps is not allowed: must be true or false"),
+        ("resume=/no/such/run", "resume=/no/such/run: no such checkpoint file or run folder"),
+    ],
+)
+def test_bad_value_one_line_nonzero_nothing_created(store, override, expected):
+    result = run_cli(override, "epochs=1", env=store)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"vaeexp: error: {expected}" + lines[0].partition(expected)[2]], lines
+    assert expected in lines[0]
+    runs = Path(store["VAEEXP_RUNS"])
+    assert not (runs / "mlflow.db").exists()  # no MLflow run was created
+    assert not Path(store["VAEEXP_DATA"]).exists()  # no data was loaded or downloaded
+
+
+def test_help_cfg_and_info_work_like_any_hydra_app(store):
+    help_ = run_cli("--help", env=store)
+    assert (
+        help_.returncode == 0
+        and "data: fashion_mnist, kmnist, mnist, mnist_bundled" in help_.stdout
+    )
+    assert "experiment: reference" in help_.stdout
+    cfg = run_cli("--cfg", "job", "latent_dim=8", "data=fashion_mnist", env=store)
+    assert (
+        cfg.returncode == 0
+        and "latent_dim: 8" in cfg.stdout
+        and "name: fashion_mnist" in cfg.stdout
+    )
+    info = run_cli("--info", env=store)
+    assert info.returncode == 0 and "Config search path" in info.stdout
+
+
+def test_reference_experiment_pins_keras_values():
+    cfg = make_cfg("experiment=reference")
+    assert (cfg.latent_dim, cfg.intermediate_dim, cfg.batch_size, cfg.epochs) == (2, 256, 100, 50)
+    assert cfg.optimizer == Optimizer.rmsprop and (cfg.lr, cfg.rho, cfg.eps) == (1e-3, 0.9, 1e-7)
+    assert (
+        cfg.epsilon_std == 1.0 and cfg.data.binarize == Binarize.none and cfg.init.value == "glorot"
+    )
+    assert make_cfg("experiment=reference", "latent_dim=8").latent_dim == 8  # the CLI still wins
+
+
+def test_tracking_uri_defaults_to_project_store_and_env_overrides(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("VAEEXP_RUNS", raising=False)
+    from vaeexp.config import PROJECT_ROOT
+
+    assert make_cfg().tracking.uri == f"sqlite:///{PROJECT_ROOT / 'runs' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert make_cfg().tracking.uri == "http://127.0.0.1:5999"
+    assert make_cfg("tracking.uri=sqlite:////x.db").tracking.uri == "sqlite:////x.db"

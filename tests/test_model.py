@@ -1,0 +1,62 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vaeexp.model import IMAGE_DIM, VAE, kl_divergence, loss_terms
+
+
+def test_shapes():
+    model = VAE(latent_dim=3, intermediate_dim=16)
+    x = torch.rand(5, IMAGE_DIM)
+    mean, log_var = model.encode(x)
+    assert mean.shape == log_var.shape == (5, 3)
+    assert model.decode(mean).shape == (5, IMAGE_DIM)
+    recon, kl = loss_terms(model, x)
+    assert recon.shape == kl.shape == (5,)
+    out = model(x)
+    assert out.shape == (5, IMAGE_DIM) and out.min() >= 0 and out.max() <= 1
+
+
+def test_glorot_init_zero_biases():
+    torch.manual_seed(0)
+    model = VAE(latent_dim=2, intermediate_dim=256)
+    for layer in (model.encoder, model.decoder_out):
+        assert torch.count_nonzero(layer.bias) == 0
+        limit = math.sqrt(6 / (layer.in_features + layer.out_features))
+        assert layer.weight.abs().max() <= limit
+        assert layer.weight.abs().max() > 0.9 * limit
+    assert torch.count_nonzero(VAE(init="torch").encoder.bias) > 0
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.tensor([[0.5, -1.0, 2.0]])
+    log_var = torch.tensor([[-1.0, 0.3, 0.0]])
+    std = torch.exp(log_var / 2)
+    z = mean + std * torch.randn(400_000, 3, generator=g)
+    q = torch.distributions.Normal(mean, std).log_prob(z).sum(1)
+    p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    mc = (q - p).mean()
+    assert abs(kl_divergence(mean, log_var).item() - mc.item()) < 0.01
+    assert kl_divergence(torch.zeros(1, 4), torch.zeros(1, 4)).item() == 0
+
+
+def test_recon_is_bce_summed_over_784_pixels():
+    """The reference: original_dim * mean binary cross-entropy, i.e. the sum over pixels."""
+    model = VAE(latent_dim=2, intermediate_dim=8)
+    x = torch.rand(4, IMAGE_DIM)
+    recon, _ = loss_terms(model, x, epsilon_std=0.0)  # no noise: z is the posterior mean
+    probs = model.decode(model.encode(x)[0])
+    expected = IMAGE_DIM * F.binary_cross_entropy(probs, x, reduction="none").mean(dim=1)
+    torch.testing.assert_close(recon, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_epsilon_std_scales_the_noise():
+    model = VAE(latent_dim=2, intermediate_dim=8)
+    x = torch.rand(3, IMAGE_DIM)
+    a, _ = loss_terms(model, x, 0.0, torch.Generator().manual_seed(1))
+    b, _ = loss_terms(model, x, 0.0, torch.Generator().manual_seed(2))
+    c, _ = loss_terms(model, x, 1.0, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b)  # epsilon_std=0: deterministic
+    assert not torch.allclose(b, c)

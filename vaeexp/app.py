@@ -1,0 +1,123 @@
+"""`python -m vaeexp`: compose the config with Hydra, train, track in MLflow.
+
+Config and data errors end with one line naming the setting and what is allowed, and a non-zero
+exit; anything else is a bug and keeps its full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from vaeexp.config import PROJECT_ROOT, ConfigError, explain, register, validate
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+def task(cfg: DictConfig) -> float:
+    """Train one configuration; returns the final test loss, which sweepers minimise."""
+    try:
+        return _train(cfg)
+    except _user_errors() as e:
+        if os.environ.get("VAEEXP_TRACEBACK") == "1":
+            raise
+        # SystemExit passes through Hydra, which would print a banner above any Exception.
+        _exit_with(e)
+
+
+def _train(cfg: DictConfig) -> float:
+    validate(cfg)  # before any data is loaded or any MLflow run is created
+    import torch
+
+    from vaeexp import checkpoint
+    from vaeexp.data import load_data
+    from vaeexp.tracking import tracked_run
+    from vaeexp.trainer import pick_device, train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device.value)
+    resume = checkpoint.load(cfg.resume) if cfg.resume else None
+    data = load_data(cfg.data, progress=cfg.progress)
+    hc = HydraConfig.get()
+    output_dir = Path(hc.runtime.output_dir)
+    with tracked_run(
+        cfg,
+        data,
+        device,
+        output_dir,
+        list(hc.overrides.task),
+        resume_run_id=resume and resume.get("mlflow_run_id"),
+    ) as run:
+        result = train(
+            cfg,
+            data,
+            device=device,
+            hooks=run.hooks,
+            checkpoint_path=output_dir / checkpoint.FILENAME if cfg.checkpoint else None,
+            resume=resume,
+            extra_state={"mlflow_run_id": run.run_id},
+        )
+        run.finish(result, data.test_x)
+    return float(result.metrics["test/loss"])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from vaeexp.checkpoint import CheckpointError
+    from vaeexp.data import DataUnavailable, IdxError
+    from vaeexp.trainer import Diverged
+
+    return (
+        ConfigError,
+        HydraException,
+        OmegaConfBaseException,
+        DataUnavailable,
+        IdxError,
+        CheckpointError,
+        Diverged,
+    )
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """First Ctrl-C/SIGTERM: finish the current step, then stop. A second one: stop now."""
+    from vaeexp.trainer import STOP
+
+    name = signal.Signals(signum).name
+    if STOP.request(name):
+        print(f"vaeexp: {name}: stopping after this step (again to stop now)", file=sys.stderr)
+        return
+    raise KeyboardInterrupt(name)
+
+
+def _exit_with(e: BaseException) -> None:
+    config_error = isinstance(e, ConfigError | HydraException | OmegaConfBaseException)
+    print(f"vaeexp: error: {explain(e) if config_error else e}", file=sys.stderr)
+    sys.exit(2 if config_error else 1)
+
+
+def main() -> None:
+    """Console entry point. HYDRA_FULL_ERROR=1 or VAEEXP_TRACEBACK=1 show full tracebacks."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a scheduler's stop ends the run KILLED
+        signal.signal(sig, _on_signal)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        os.environ["VAEEXP_TRACEBACK"] = "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us, not Hydra's printer
+    try:
+        task()
+    except KeyboardInterrupt:
+        print("vaeexp: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        sys.exit(130)
+    except _user_errors() as e:
+        if os.environ.get("VAEEXP_TRACEBACK") == "1":
+            raise
+        _exit_with(e)

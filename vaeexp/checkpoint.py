@@ -1,0 +1,63 @@
+"""Checkpoints that are either complete or absent, and that load without running pickled code."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "vaeexp.checkpoint"
+VERSION = 1
+FILENAME = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def locate(path: str | Path) -> Path:
+    """A checkpoint file, or the one inside a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here (expected a {FILENAME} or a run folder)")
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = locate(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for truncated or foreign files
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}); it may be truncated or "
+            "not written by vaeexp"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a vaeexp checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')}, "
+            f"this vaeexp reads version {VERSION}"
+        )
+    return state

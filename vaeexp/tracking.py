@@ -1,0 +1,268 @@
+"""One MLflow run per training job: experiment, params, tags, batched metrics, images, models.
+
+Every MLflow call costs milliseconds against a SQLite store, more than a training step, so step
+metrics are buffered and sent with `log_batch` at the end of each epoch (or every
+`FLUSH_SECONDS` inside a long one), and an epoch logs only what it produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from vaeexp import images
+from vaeexp.config import PROJECT_ROOT
+from vaeexp.data import Dataset
+from vaeexp.model import VAE
+from vaeexp.trainer import Result
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # UI: not the GenAI view
+FLUSH_SECONDS = 15.0
+# Overrides that say where or how a job runs, not what it trains: left out of run names.
+NOT_IN_NAME = (
+    "hydra.",
+    "tracking.",
+    "paths.",
+    "progress",
+    "resume",
+    "data.root",
+    "threads",
+    "device",
+)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+        )
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent job
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def run_name(overrides: list[str]) -> str:
+    kept = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(NOT_IN_NAME)]
+    return ",".join(kept) or "defaults"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for k, v in tree.items():
+            out |= flatten(v, f"{prefix}{k}.")
+        return out
+    return {prefix.rstrip("."): str(tree)}
+
+
+def git_state() -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+
+    try:
+        return {
+            "mlflow.source.git.commit": git("rev-parse", "HEAD"),
+            "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+class MlflowHooks:
+    """The trainer's hooks: buffers metrics, logs each epoch's images; one run, by id."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        cfg: DictConfig,
+        data: Dataset,
+        device: torch.device,
+    ):
+        self.client, self.run_id, self.cfg = client, run_id, cfg
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+        self.fixed_x = data.test_x[:50].to(device)  # the same digits every epoch
+        g = torch.Generator().manual_seed(0)
+        self.fixed_z = torch.randn(100, cfg.latent_dim, generator=g).to(device)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._add({f"train/{k}_step": v for k, v in metrics.items()}, step)
+        if time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
+        self._add(metrics | {"epoch": epoch, "step": step}, epoch)
+        self.flush()
+        if self.cfg.tracking.log_images:
+            model.eval()
+            self.log_image(images.reconstructions(model, self.fixed_x), "reconstructions", epoch)
+            self.log_image(images.samples(model, self.fixed_z), "samples", epoch)
+            if self.cfg.latent_dim == 2:
+                grid = images.manifold(model, device=self.fixed_x.device)
+                self.log_image(grid, "manifold", epoch)
+            model.train()
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
+    def flush(self) -> None:
+        for start in range(0, len(self.pending), 1000):  # MLflow's per-batch limit
+            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        self.pending.clear()
+        self.last_flush = time.monotonic()
+
+    def _add(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+
+class TrackedRun:
+    def __init__(self, client: MlflowClient, run_id: str, hooks: MlflowHooks):
+        self.client, self.run_id, self.hooks = client, run_id, hooks
+
+    def finish(self, result: Result, example: torch.Tensor) -> None:
+        """Log what only a finished run has: the models, loadable with mlflow.pyfunc."""
+        if not self.hooks.cfg.tracking.log_model:
+            return
+        model = result.model.cpu().eval()
+        x = example[:5].cpu()
+        z = torch.zeros(5, model.latent_dim)
+        _log_model(model, x, "model")  # images -> reconstructions
+        _log_model(_Decoder(model), z, "decoder")  # latent codes -> images
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z)
+
+
+def _log_model(module: torch.nn.Module, example: torch.Tensor, name: str) -> None:
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = module(example)
+    mlflow.pytorch.log_model(
+        module,
+        name=name,
+        input_example=example.numpy(),
+        signature=infer_signature(example.numpy(), output.numpy()),
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+
+
+@contextmanager
+def tracked_run(
+    cfg: DictConfig,
+    data: Dataset,
+    device: torch.device,
+    output_dir: Path,
+    overrides: list[str],
+    resume_run_id: str | None = None,
+) -> Iterator[TrackedRun]:
+    """An MLflow run that ends FINISHED, FAILED (reason in the `failure_reason` tag) or KILLED."""
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    client = MlflowClient(cfg.tracking.uri)
+    experiment_id = ensure_experiment(
+        client, cfg.tracking.experiment, _artifact_location(cfg.tracking)
+    )
+    tags = {
+        "hydra_overrides": " ".join(overrides) or "(none)",
+        "output_dir": str(output_dir),
+        "data.resolved": data.resolved,
+        **git_state(),
+    }
+    params = flatten(
+        {
+            k: v
+            for k, v in OmegaConf.to_container(cfg, resolve=True, enum_to_str=True).items()
+            if k != "hydra"
+        }
+    )
+    params |= {
+        "data.resolved": data.resolved,
+        "data.n_train": str(len(data.train_x)),
+        "data.n_test": str(len(data.test_x)),
+        "device.resolved": str(device),
+    }
+
+    if resume_run_id and _exists(client, resume_run_id):
+        run = mlflow.start_run(run_id=resume_run_id)
+        logged = client.get_run(resume_run_id).data.params
+        params = {k: v for k, v in params.items() if k not in logged}
+        tags["resumed_from"] = str(cfg.resume)
+    else:
+        name = cfg.tracking.run_name or run_name(overrides)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
+    run_id = run.info.run_id
+    hooks = None
+    try:
+        mlflow.set_tags(tags)
+        mlflow.log_params(params)
+        hydra_dir = output_dir / ".hydra"
+        if hydra_dir.is_dir():
+            mlflow.log_artifacts(str(hydra_dir), "hydra")
+        log.info("MLflow run %s (%s) in %s", run_id, run.info.run_name, cfg.tracking.uri)
+        hooks = MlflowHooks(client, run_id, cfg, data, device)
+        yield TrackedRun(client, run_id, hooks)
+        for logfile in output_dir.glob("*.log"):
+            mlflow.log_artifact(str(logfile))
+    except KeyboardInterrupt:
+        _flush_quietly(hooks)
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as e:
+        _flush_quietly(hooks)
+        mlflow.set_tag("failure_reason", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _flush_quietly(hooks: MlflowHooks | None) -> None:
+    """Keep the metrics logged before a failure; a second error must not hide the first."""
+    try:
+        if hooks is not None:
+            hooks.flush()
+    except Exception as e:
+        log.warning("could not send the last metrics to MLflow: %s", e)
+
+
+def _artifact_location(tracking: DictConfig) -> str | None:
+    """A local store gets an absolute artifact folder: MLflow's default is relative to the cwd."""
+    if tracking.artifact_location is None or not tracking.uri.startswith(("sqlite:", "file:", "/")):
+        return None
+    return Path(tracking.artifact_location).resolve().as_uri()
+
+
+def _exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
