@@ -6,16 +6,28 @@ from vaeexp.tracking import EXPERIMENT_KIND, ensure_experiment, flatten, run_nam
 
 
 def test_run_name_keeps_what_changes_training():
-    overrides = ["latent_dim=8", "+foo=1", "tracking.uri=x", "progress=false", "data=kmnist",
-                 "hydra.run.dir=/x", "device=cpu", "resume=/a/b"]
+    overrides = [
+        "latent_dim=8",
+        "+foo=1",
+        "tracking.uri=x",
+        "progress=false",
+        "data=kmnist",
+        "hydra.run.dir=/x",
+        "device=cpu",
+        "resume=/a/b",
+    ]
     assert run_name(overrides) == "latent_dim=8,foo=1,data=kmnist"
     assert run_name([]) == "defaults"
 
 
 def test_flatten_nested_config():
     tree = {"a": 1, "data": {"name": "mnist", "mirrors": ["u", "v"], "x": {"y": None}}}
-    assert flatten(tree) == {"a": "1", "data.name": "mnist", "data.mirrors": "['u', 'v']",
-                             "data.x.y": "None"}
+    assert flatten(tree) == {
+        "a": "1",
+        "data.name": "mnist",
+        "data.mirrors": "['u', 'v']",
+        "data.x.y": "None",
+    }
 
 
 def test_experiment_created_once_with_kind_tag(tmp_path):

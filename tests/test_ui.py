@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -20,7 +21,7 @@ def _listening_addresses(port: int) -> set[str]:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         if not os.path.exists(table):
             continue
-        for row in open(table).read().splitlines()[1:]:
+        for row in Path(table).read_text().splitlines()[1:]:
             local, state = row.split()[1], row.split()[3]
             address, port_hex = local.split(":")
             if state == "0A" and int(port_hex, 16) == port:
@@ -33,9 +34,13 @@ def test_ui_serves_the_store_on_loopback_only(store):
     experiment = client.create_experiment("seen-by-ui")
     run = client.create_run(experiment, run_name="probe")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vaeexp.ui", "--port", str(port)],
-                            env={**os.environ, **store}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaeexp.ui", "--port", str(port)],
+        env={**os.environ, **store},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
