@@ -31,7 +31,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 def test_ui_serves_the_store_on_loopback_only(store):
     client = MlflowClient(store["MLFLOW_TRACKING_URI"])
-    experiment = client.create_experiment("seen-by-ui")
+    experiment = client.create_experiment("vaeexp")
     run = client.create_run(experiment, run_name="probe")
     port = _free_port()
     proc = subprocess.Popen(
@@ -57,6 +57,8 @@ def test_ui_serves_the_store_on_loopback_only(store):
         found = remote.search_runs([experiment])
         assert [r.info.run_id for r in found] == [run.info.run_id]
         assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1, nothing else
+        url = f"http://127.0.0.1:{port}/#/experiments/{experiment}?workflowType=machine_learning"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert f"open {url}" in proc.stdout.read()

@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> None:
         help="interface to bind; 0.0.0.0 exposes the UI to the network",
     )
     parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--experiment", default="vaeexp", help="experiment to link to")
     args = parser.parse_args(argv)
-    print(f"MLflow UI for {args.uri} at http://{args.host}:{args.port}", flush=True)
+    print(f"MLflow UI for {args.uri}\n  open {page_url(args)}", flush=True)
     command = [
         sys.executable,
         "-m",
@@ -37,6 +38,21 @@ def main(argv: list[str] | None = None) -> None:
         str(args.port),
     ]
     os.execv(sys.executable, command)  # the UI replaces us: Ctrl-C and signals reach it directly
+
+
+def page_url(args: argparse.Namespace) -> str:
+    """The experiment's runs, in the UI's model-training view: MLflow 3.17 otherwise opens its
+    GenAI view, whatever the experiment's kind tag says, until the user flips the toggle."""
+    base = f"http://{args.host}:{args.port}/#/experiments"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(args.uri).get_experiment_by_name(args.experiment)
+    except Exception:  # no store yet, or a server not up: the list page still works
+        experiment = None
+    if experiment is not None:
+        base += f"/{experiment.experiment_id}"
+    return base + "?workflowType=machine_learning"
 
 
 if __name__ == "__main__":
