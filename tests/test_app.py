@@ -87,7 +87,9 @@ def test_metric_histories(finished):
 
     # 400 images / 50 = 8 steps an epoch; every 3 steps plus each epoch's tail
     assert [s for s, _ in history("train/loss_step")] == [3, 6, 8, 9, 12, 15, 16]
-    for key in ("train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl"):
+    keys = ("train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl",
+            "test/neg_elbo")
+    for key in keys:
         values = history(key)
         assert [s for s, _ in values] == [1, 2], key
         assert all(np.isfinite(v) and v >= 0 for _, v in values), key
@@ -96,6 +98,8 @@ def test_metric_histories(finished):
     )
     assert loss == pytest.approx(recon + kl)
     assert 100 < loss < 600
+    [(step, nll)] = history("test_nll_iwae_k1000")  # the end-of-run bound
+    assert step == 2 and 100 < nll < loss + 5
 
 
 def test_artifacts_hydra_files_and_images(finished):

@@ -87,6 +87,17 @@ def test_divergence_stops_with_step_and_term(data, tmp_path):
     assert not (tmp_path / "c.pt").exists()  # no checkpoint of a diverged model
 
 
+def test_true_elbo_is_logged_whatever_epsilon_std(data):
+    from vaeexp.model import VAE
+
+    model = VAE()
+    same = evaluate(model, data.test_x, 1.0, 64)
+    assert same["neg_elbo"] == same["loss"]  # epsilon_std=1: the objective is the ELBO
+    narrow = evaluate(model, data.test_x, 0.1, 64)
+    assert narrow["neg_elbo"] == pytest.approx(same["neg_elbo"])  # the same noise, same model
+    assert narrow["loss"] != narrow["neg_elbo"]
+
+
 def test_evaluation_does_not_touch_training_rng(data):
     from vaeexp.model import VAE
 

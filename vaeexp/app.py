@@ -51,6 +51,7 @@ def _train(cfg: DictConfig) -> float:
     data = load_data(cfg.data, progress=cfg.progress)
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
+    ckpt_path = output_dir / checkpoint.FILENAME if cfg.checkpoint else None
     with tracked_run(
         cfg,
         data,
@@ -60,16 +61,22 @@ def _train(cfg: DictConfig) -> float:
         resume_run_id=resume and resume.get("mlflow_run_id"),
     ) as run:
         result = train(
-            cfg,
-            data,
-            device=device,
-            hooks=run.hooks,
-            checkpoint_path=output_dir / checkpoint.FILENAME if cfg.checkpoint else None,
-            resume=resume,
+            cfg, data, device=device, hooks=run.hooks, checkpoint_path=ckpt_path, resume=resume,
             extra_state={"mlflow_run_id": run.run_id},
         )
-        run.finish(result, data.test_x)
+        run.finish(result, data.test_x, final_metrics(cfg, result.model, data), ckpt_path)
     return float(result.metrics["test/loss"])
+
+
+def final_metrics(cfg: DictConfig, model: Any, data: Any) -> dict[str, float]:
+    """What only a finished model gets: the importance-weighted bound on the test NLL."""
+    from vaeexp.likelihood import iwae_nll
+
+    n, k = cfg.eval.iwae_images, cfg.eval.iwae_k
+    if n == 0:
+        return {}
+    x = data.test_x[:n].to(next(model.parameters()).device)
+    return {f"test_nll_iwae_k{k}": iwae_nll(model, x, k)}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -94,6 +94,14 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """End-of-run importance-weighted bound on the test NLL (logged as test_nll_iwae_k{k})."""
+
+    iwae_k: int = 1000
+    iwae_images: int | None = 1000  # the first N test images; null: all of them; 0: skip
+
+
+@dataclass
 class PathsConfig:
     runs: str = "${vaeexp.runs_dir:}"
 
@@ -120,6 +128,7 @@ class Config:
     resume: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -150,6 +159,8 @@ _RULES: list[tuple[str, object, str]] = [
     ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.train_limit", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("data.test_limit", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("eval.iwae_k", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.iwae_images", lambda v: v is None or v >= 0, "null (all) or an integer >= 0 (0: skip)"),
     ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
     ("tracking.uri", lambda v: bool(v.strip()), "a tracking URI such as sqlite:///path/mlflow.db"),
 ]

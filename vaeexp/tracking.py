@@ -124,6 +124,10 @@ class MlflowHooks:
                 self.log_image(grid, "manifold", epoch)
             model.train()
 
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._add(metrics, step)
+        self.flush()
+
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self.client.log_image(self.run_id, image, key=key, step=step)
 
@@ -142,8 +146,19 @@ class TrackedRun:
     def __init__(self, client: MlflowClient, run_id: str, hooks: MlflowHooks):
         self.client, self.run_id, self.hooks = client, run_id, hooks
 
-    def finish(self, result: Result, example: torch.Tensor) -> None:
-        """Log what only a finished run has: the models, loadable with mlflow.pyfunc."""
+    def finish(
+        self,
+        result: Result,
+        example: torch.Tensor,
+        final_metrics: dict[str, float],
+        checkpoint_path: Path | None,
+    ) -> None:
+        """Log what only a finished run has: final metrics, checkpoint, models for mlflow.pyfunc."""
+        self.hooks.log_metrics(final_metrics, result.epoch)
+        for key, value in final_metrics.items():
+            log.info("%s = %.2f", key, value)
+        if checkpoint_path is not None and checkpoint_path.is_file():
+            mlflow.log_artifact(str(checkpoint_path))  # what `python -m vaeexp.evaluate` reads
         if not self.hooks.cfg.tracking.log_model:
             return
         model = result.model.cpu().eval()

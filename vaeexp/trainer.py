@@ -96,17 +96,23 @@ def pick_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: VAE, x: torch.Tensor, epsilon_std: float, batch_size: int) -> dict[str, float]:
-    """Mean loss terms over `x`, with fixed noise so the same model always scores the same."""
+    """Mean loss terms over `x` with fixed noise, so the same model always scores the same.
+
+    `loss` is the training objective, which depends on epsilon_std; `neg_elbo` is the true
+    negative ELBO (epsilon ~ N(0, 1)), comparable across runs with different epsilon_std.
+    """
     was_training = model.training
     model.eval()
-    g = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
-    sums = torch.zeros(2, device=x.device)
-    for xb in x.split(batch_size):
-        recon, kl = loss_terms(model, xb, epsilon_std, g)
-        sums += torch.stack((recon.sum(), kl.sum()))
+    stds = [epsilon_std] if epsilon_std == 1.0 else [epsilon_std, 1.0]
+    sums = torch.zeros(len(stds), 2, device=x.device)
+    for i, std in enumerate(stds):
+        g = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
+        for xb in x.split(batch_size):
+            recon, kl = loss_terms(model, xb, std, g)
+            sums[i] += torch.stack((recon.sum(), kl.sum()))
     model.train(was_training)
-    recon, kl = (sums / len(x)).tolist()
-    return {"loss": recon + kl, "recon": recon, "kl": kl}
+    (recon, kl), elbo_terms = (sums / len(x)).tolist()[0], (sums[-1] / len(x)).tolist()
+    return {"loss": recon + kl, "recon": recon, "kl": kl, "neg_elbo": sum(elbo_terms)}
 
 
 def train(
