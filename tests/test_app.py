@@ -65,7 +65,7 @@ def test_run_finished_with_name_params_and_tags(finished):
     assert p["optimizer"] == "rmsprop" and p["data.binarize"] == "none" and p["lr"] == "0.001"
     assert p["data.resolved"] == "mnist_bundled" and p["data.n_train"] == "400"
     t = run.data.tags
-    assert t["data.resolved"] == "mnist_bundled"
+    assert t["data.resolved"] == "mnist_bundled" and t["data.binarize"] == "none"
     assert "epochs=2" in t["hydra_overrides"] and "data=mnist_bundled" in t["hydra_overrides"]
     out = Path(t["output_dir"])
     assert out.is_relative_to(Path(env["VAEEXP_RUNS"])) and (out / "checkpoint.pt").is_file()
@@ -87,8 +87,15 @@ def test_metric_histories(finished):
 
     # 400 images / 50 = 8 steps an epoch; every 3 steps plus each epoch's tail
     assert [s for s, _ in history("train/loss_step")] == [3, 6, 8, 9, 12, 15, 16]
-    keys = ("train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl",
-            "test/neg_elbo")
+    keys = (
+        "train/loss",
+        "train/recon",
+        "train/kl",
+        "test/loss",
+        "test/recon",
+        "test/kl",
+        "test/neg_elbo",
+    )
     for key in keys:
         values = history(key)
         assert [s for s, _ in values] == [1, 2], key

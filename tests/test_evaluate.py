@@ -5,8 +5,15 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, run_cli
 
-ARGS = [*TINY, "epochs=1", "intermediate_dim=32", "tracking.log_model=false",
-        "tracking.log_images=false", "eval.iwae_k=20", "eval.iwae_images=30"]
+ARGS = [
+    *TINY,
+    "epochs=1",
+    "intermediate_dim=32",
+    "tracking.log_model=false",
+    "tracking.log_images=false",
+    "eval.iwae_k=20",
+    "eval.iwae_images=30",
+]
 
 
 def test_evaluate_reproduces_the_in_run_bound_and_logs_it(store):
@@ -17,16 +24,25 @@ def test_evaluate_reproduces_the_in_run_bound_and_logs_it(store):
     assert in_run > 0
     assert in_run <= run.data.metrics["test/neg_elbo"] + 5  # a tighter bound, up to noise
 
-    result = run_cli(run.info.run_id, "--k", "20", "--images", "30", env=store,
-                     module="vaeexp.evaluate")
+    result = run_cli(
+        run.info.run_id, "--k", "20", "--images", "30", env=store, module="vaeexp.evaluate"
+    )
     assert result.returncode == 0, result.stderr
     printed = float(result.stdout.strip().split(" = ")[1])
     assert printed == pytest.approx(in_run, abs=1e-3)  # same model, data, draws
     history = client.get_metric_history(run.info.run_id, "test_nll_iwae_k20")
     assert len(history) == 2 and history[-1].step == 1
 
-    more = run_cli(run.info.run_id, "--k", "200", "--images", "30", "--no-log", env=store,
-                   module="vaeexp.evaluate")
+    more = run_cli(
+        run.info.run_id,
+        "--k",
+        "200",
+        "--images",
+        "30",
+        "--no-log",
+        env=store,
+        module="vaeexp.evaluate",
+    )
     assert float(more.stdout.strip().split(" = ")[1]) < printed + 0.5  # more samples: tighter
     assert "test_nll_iwae_k200" not in client.get_run(run.info.run_id).data.metrics
 

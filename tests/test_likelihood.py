@@ -18,19 +18,29 @@ def _model_and_exact_marginal():
     with torch.no_grad():
         logits = model.decode_logits(z)
         log_prior = -0.5 * (z[:, 0] ** 2 + math.log(2 * math.pi)) + math.log(z[1, 0] - z[0, 0])
-        exact = torch.stack([
-            torch.logsumexp(
-                log_prior - F.binary_cross_entropy_with_logits(
-                    logits, xi.expand_as(logits), reduction="none").sum(1), 0)
-            for xi in x
-        ])
+        exact = torch.stack(
+            [
+                torch.logsumexp(
+                    log_prior
+                    - F.binary_cross_entropy_with_logits(
+                        logits, xi.expand_as(logits), reduction="none"
+                    ).sum(1),
+                    0,
+                )
+                for xi in x
+            ]
+        )
     return model, x, exact
 
 
 def test_iwae_converges_to_the_exact_marginal_from_below():
     model, x, exact = _model_and_exact_marginal()
-    gaps = {k: (iwae_log_likelihood(model, x, k, generator=torch.Generator().manual_seed(0))
-                - exact).mean().item() for k in (1, 10, 1000, 10_000)}
+    gaps = {
+        k: (iwae_log_likelihood(model, x, k, generator=torch.Generator().manual_seed(0)) - exact)
+        .mean()
+        .item()
+        for k in (1, 10, 1000, 10_000)
+    }
     assert gaps[1] < gaps[10] < 0  # a lower bound that tightens with k
     assert abs(gaps[1000]) < 0.1 and abs(gaps[10_000]) < 0.1
     assert gaps[1] < -0.3  # and the ELBO is clearly looser
@@ -38,8 +48,12 @@ def test_iwae_converges_to_the_exact_marginal_from_below():
 
 def test_k1_is_the_elbo():
     model, x, _ = _model_and_exact_marginal()
-    many = torch.cat([iwae_log_likelihood(model, x, 1, generator=torch.Generator().manual_seed(s))
-                      for s in range(200)])
+    many = torch.cat(
+        [
+            iwae_log_likelihood(model, x, 1, generator=torch.Generator().manual_seed(s))
+            for s in range(200)
+        ]
+    )
     recon, kl = loss_terms(model, x.repeat(200, 1), 1.0, torch.Generator().manual_seed(9))
     assert abs(many.mean().item() + (recon + kl).mean().item()) < 0.1
 

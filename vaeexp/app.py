@@ -6,6 +6,8 @@ exit; anything else is a bug and keeps its full traceback.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -61,7 +63,12 @@ def _train(cfg: DictConfig) -> float:
         resume_run_id=resume and resume.get("mlflow_run_id"),
     ) as run:
         result = train(
-            cfg, data, device=device, hooks=run.hooks, checkpoint_path=ckpt_path, resume=resume,
+            cfg,
+            data,
+            device=device,
+            hooks=run.hooks,
+            checkpoint_path=ckpt_path,
+            resume=resume,
             extra_state={"mlflow_run_id": run.run_id},
         )
         run.finish(result, data.test_x, final_metrics(cfg, result.model, data), ckpt_path)
@@ -112,8 +119,18 @@ def _exit_with(e: BaseException) -> None:
     sys.exit(2 if config_error else 1)
 
 
+def steady_memory() -> None:
+    """Pin glibc's mmap threshold at 4 MiB. By default glibc raises it after large blocks are
+    freed, so later large tensors (the end-of-run IWAE pass) come from the heap and fragment it:
+    measured +0.2 to +1.4 GB peak RSS, varying from run to run. Pinned, tensors over 4 MiB live
+    in their own mappings, returned to the OS on free; training-step tensors are far smaller."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # -3: M_MMAP_THRESHOLD
+
+
 def main() -> None:
     """Console entry point. HYDRA_FULL_ERROR=1 or VAEEXP_TRACEBACK=1 show full tracebacks."""
+    steady_memory()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a scheduler's stop ends the run KILLED
         signal.signal(sig, _on_signal)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -42,6 +42,11 @@ class Init(Enum):
     torch = "torch"  # torch.nn.Linear's own default
 
 
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast: matmuls in bfloat16, losses and optimizer state in float32
+
+
 class DatasetName(Enum):
     mnist = "mnist"
     fashion_mnist = "fashion_mnist"
@@ -121,6 +126,8 @@ class Config:
     seed: int = 0
     device: Device = Device.auto
     threads: int = 0
+    compile: bool = False
+    precision: Precision = Precision.fp32
     log_every_n_steps: int = 50
     eval_batch_size: int = 1000
     progress: bool = True

@@ -25,11 +25,17 @@ def evaluate_run(client: MlflowClient, run_id: str, k: int, images: int | None) 
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         config_file = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="hydra/config.yaml", dst_path=tmp,
-            tracking_uri=client._tracking_client.tracking_uri)
+            run_id=run_id,
+            artifact_path="hydra/config.yaml",
+            dst_path=tmp,
+            tracking_uri=client._tracking_client.tracking_uri,
+        )
         ckpt_file = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoint.pt", dst_path=tmp,
-            tracking_uri=client._tracking_client.tracking_uri)
+            run_id=run_id,
+            artifact_path="checkpoint.pt",
+            dst_path=tmp,
+            tracking_uri=client._tracking_client.tracking_uri,
+        )
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file))
         state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
     cfg.data.name = run.data.params.get("data.resolved", cfg.data.name)  # e.g. the fallback
@@ -45,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vaeexp.evaluate", description=__doc__)
     parser.add_argument("run_id")
     parser.add_argument("--k", type=int, default=1000, help="importance samples (default 1000)")
-    parser.add_argument("--images", type=int, default=1000,
-                        help="first N test images (default 1000; 0: all)")
+    parser.add_argument(
+        "--images", type=int, default=1000, help="first N test images (default 1000; 0: all)"
+    )
     parser.add_argument("--uri", default=default_tracking_uri(), help="tracking store")
     parser.add_argument("--no-log", action="store_true", help="print only; log nothing")
     args = parser.parse_args(argv)

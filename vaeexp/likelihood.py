@@ -24,7 +24,7 @@ def iwae_log_likelihood(
     x: torch.Tensor,
     k: int = 1000,
     *,
-    max_samples: int = 32_768,
+    max_samples: int = 8192,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per-image lower bound L_k on log p(x), in nats; L_1 is the ELBO and L_k -> log p(x).

@@ -210,6 +210,7 @@ def tracked_run(
         "hydra_overrides": " ".join(overrides) or "(none)",
         "output_dir": str(output_dir),
         "data.resolved": data.resolved,
+        "data.binarize": cfg.data.binarize.value,  # likelihoods compare only within one choice
         **git_state(),
     }
     params = flatten(

@@ -132,6 +132,8 @@ def train(
     if resume is not None:
         epoch, step, metrics = _restore(resume, cfg, model, optimizer, device)
 
+    objective = torch.compile(loss_terms) if cfg.compile else loss_terms
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision.value == "bf16")
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     dynamic = cfg.data.binarize == Binarize.dynamic
     n, batch_size = len(train_x), cfg.batch_size
@@ -159,6 +161,7 @@ def train(
         return values
 
     model.train()
+    first_step = step + 1
     with STOP.armed(), logging_redirect_tqdm():
         while epoch < cfg.epochs:
             started = time.perf_counter()
@@ -169,13 +172,17 @@ def train(
                 x = train_x[idx]
                 if dynamic:
                     x = torch.bernoulli(x)
-                recon, kl = loss_terms(model, x, cfg.epsilon_std)
+                with autocast:
+                    recon, kl = objective(model, x, cfg.epsilon_std)
+                recon, kl = recon.float(), kl.float()
                 loss = (recon + kl).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
 
                 step += 1
+                if step == first_step:
+                    log.info("first step done")  # bench/ times start-up by this line
                 batch_sums = torch.stack((recon.sum(), kl.sum())).detach()
                 window += batch_sums
                 epoch_sums += batch_sums

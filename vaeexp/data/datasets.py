@@ -143,7 +143,8 @@ def _read(paths: dict[str, Path], name: str, source: str) -> Dataset:
 
 
 def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.from_numpy(x.reshape(len(x), -1).astype(np.float32) / 255.0)
+    # One float32 allocation: peak memory of a run is mostly this (188 MB for 60k images).
+    images = torch.from_numpy(np.divide(x.reshape(len(x), -1), 255, dtype=np.float32))
     return images, torch.from_numpy(y.astype(np.int64))
 
 

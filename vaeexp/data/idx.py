@@ -46,7 +46,12 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"{path}: IDX file {what}: header says shape {dims} ({expected} bytes), "
             f"found {found} bytes; {_FIX}"
         )
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    # astype copies only when the bytes need swapping (not for uint8 images); read-only otherwise
+    return (
+        np.frombuffer(raw, dtype, offset=header)
+        .reshape(dims)
+        .astype(dtype.newbyteorder("="), copy=False)
+    )
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

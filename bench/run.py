@@ -1,0 +1,369 @@
+"""vaeexp benchmarks: `python bench/run.py` prints a table and writes bench/RESULTS.md.
+
+Every timing is taken next to its reference in the same script, interleaved over several
+repetitions, and reported as medians and ratios: these machines are noisy, absolute seconds are
+not comparable between runs. Needs the full Fashion-MNIST from the Debian package
+`dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`).
+
+    python bench/run.py            # everything (~10 minutes on 2 cores)
+    python bench/run.py --quick    # epoch timings and start-up only (~3 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from torch import nn
+
+from vaeexp.config import PROJECT_ROOT, register
+from vaeexp.data import load_data
+from vaeexp.tracking import tracked_run
+from vaeexp.trainer import train
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# Measured with bench/keras_reference.py (Keras 3.x, JAX backend) on the same data; see RESULTS.md.
+KERAS_TEST_LOSS = {2: 275.72, 10: 269.74, 50: 263.43}
+
+
+def cfg_for(*overrides: str):
+    register()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=["experiment=reference", "data=fashion_mnist", "progress=false", *overrides],
+        )
+
+
+# ---- the references, written as a PyTorch user would ----------------------------------------
+
+
+class PlainVAE(nn.Module):
+    """The same architecture and initialisation, in the usual pytorch/examples style."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 256), nn.Linear(256, 2), nn.Linear(256, 2)
+        self.fc3, self.fc4 = nn.Linear(2, 256), nn.Linear(256, 784)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def plain_loss(recon, x, mu, logvar):
+    bce = F.binary_cross_entropy(recon, x, reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return (bce + kld) / len(x)
+
+
+def bare_epoch(train_x: torch.Tensor) -> float:
+    """An in-memory loop: shuffled index slices of one tensor."""
+    torch.manual_seed(0)
+    model = PlainVAE()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    start = time.perf_counter()
+    for idx in torch.randperm(len(train_x)).split(100):
+        x = train_x[idx]
+        recon, mu, logvar = model(x)
+        loss = plain_loss(recon, x, mu, logvar)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+class TorchvisionStyleDataset(torch.utils.data.Dataset):
+    """What a torchvision user gets from `FashionMNIST(transform=ToTensor())`: its __getitem__
+    makes a PIL image per item and ToTensor converts it back (torchvision cannot be imported
+    here, so its two steps are spelled out)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.data = (images * 255).round().to(torch.uint8).view(-1, 28, 28)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.data[i].numpy())
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        return x.view(28, 28, 1).permute(2, 0, 1).contiguous().float().div(255), 0
+
+
+class LeanItemDataset(TorchvisionStyleDataset):
+    """A per-item Dataset without PIL: the best case for the DataLoader recipe."""
+
+    def __getitem__(self, i):
+        return self.data[i].float().div(255), 0
+
+
+def dataloader_epoch(train_x: torch.Tensor, dataset_class=TorchvisionStyleDataset) -> float:
+    torch.manual_seed(0)
+    model = PlainVAE()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    loader = torch.utils.data.DataLoader(dataset_class(train_x), batch_size=100, shuffle=True)
+    start = time.perf_counter()
+    for x, _ in loader:
+        x = x.view(-1, 784)
+        recon, mu, logvar = model(x)
+        loss = plain_loss(recon, x, mu, logvar)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+# ---- vaeexp itself ---------------------------------------------------------------------------
+
+
+def vaeexp_train(data, store: str, *overrides: str) -> tuple[float, dict]:
+    """Wall time of the trainer (MLflow on, as a user runs it) and its last-epoch metrics."""
+    cfg = cfg_for(
+        f"tracking.uri={store}", "tracking.log_model=false", "eval.iwae_images=0", *overrides
+    )
+    out = Path(tempfile.mkdtemp(prefix="vaeexp-bench-"))
+    with tracked_run(cfg, data, torch.device("cpu"), out, list(overrides)) as run:
+        start = time.perf_counter()
+        result = train(
+            cfg,
+            data,
+            device=torch.device("cpu"),
+            hooks=run.hooks,
+            checkpoint_path=out / "checkpoint.pt",
+        )
+        seconds = time.perf_counter() - start
+    return seconds, result.metrics
+
+
+def startup(runs: Path) -> tuple[float, float]:
+    """(seconds to the first training step, wall seconds) of a 1-epoch run on the bundled digits."""
+    env = {
+        **os.environ,
+        "VAEEXP_RUNS": str(runs),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{runs / 'mlflow.db'}",
+    }
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaeexp", "epochs=1", "data=mnist_bundled", "progress=false"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    wall = time.time() - start
+    stamp = re.search(
+        r"\[([\d-]+ [\d:]+,\d+)\]\[vaeexp.trainer\]\[INFO\] - first step done",
+        proc.stdout + proc.stderr,
+    ).group(1)
+    first = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp() - start
+    return first, wall
+
+
+def reference_run(runs: Path) -> tuple[float, dict[int, float]]:
+    """Peak RSS (MB) of a full 50-epoch reference run, and its test loss at epochs 2, 10, 50."""
+    store = f"sqlite:///{runs / 'mlflow.db'}"
+    env = {**os.environ, "VAEEXP_RUNS": str(runs), "MLFLOW_TRACKING_URI": store}
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            probe,
+            sys.executable,
+            "-m",
+            "vaeexp",
+            "experiment=reference",
+            "data=fashion_mnist",
+            "progress=false",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    peak_mb = int(out.strip().splitlines()[-1]) / 1024
+    client = MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])[0]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test/loss")}
+    return peak_mb, {e: history[e] for e in KERAS_TEST_LOSS}
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return (
+        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="skip the 50-epoch and 10-epoch runs")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        sys.exit("bench: needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+    tmp = Path(tempfile.mkdtemp(prefix="vaeexp-bench-"))
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    data = load_data(cfg_for().data)
+    rows: list[tuple[str, str, str]] = []
+
+    def row(what: str, value: str, note: str = "") -> None:
+        rows.append((what, value, note))
+        print(f"{what:58s} {value:>18s}  {note}", flush=True)
+
+    print(machine())
+    vaeexp_train(data, store, "epochs=1")  # warm-up: imports, allocator, MLflow schema
+    times: dict[str, list[float]] = {"bare": [], "vaeexp": [], "dataloader": [], "lean": []}
+    for _ in range(args.reps):  # interleaved, so drift hits every variant alike
+        times["bare"].append(bare_epoch(data.train_x))
+        times["vaeexp"].append(vaeexp_train(data, store, "epochs=1")[0])
+        times["dataloader"].append(dataloader_epoch(data.train_x))
+        times["lean"].append(dataloader_epoch(data.train_x, LeanItemDataset))
+    bare, ours, loader, lean = (median(times[k]) for k in ("bare", "vaeexp", "dataloader", "lean"))
+    row("1. bare in-memory loop, epoch (s)", f"{bare:.2f}", f"{60000 / bare:,.0f} images/s")
+    row(
+        "1. vaeexp trainer, epoch incl. test eval + MLflow (s)",
+        f"{ours:.2f}",
+        f"{60000 / ours:,.0f} images/s",
+    )
+    row("1. ratio vaeexp / bare (goal <= 1.10)", f"{ours / bare:.3f}")
+    row("2. torchvision-style Dataset (PIL + ToTensor) + DataLoader, epoch (s)", f"{loader:.2f}")
+    row("2. speed-up vaeexp vs that recipe (goal >= 2)", f"{loader / ours:.2f}x")
+    row(
+        "2. lean per-item Dataset (no PIL) + DataLoader, epoch (s)",
+        f"{lean:.2f}",
+        f"vaeexp {lean / ours:.2f}x faster",
+    )
+
+    switch_times: dict[str, list[float]] = {"fp32": [], "bf16": [], "compile": []}
+    first_compile = vaeexp_train(data, store, "epochs=1", "compile=true")[0]
+    for _ in range(args.reps):
+        for name, extra in (
+            ("fp32", []),
+            ("bf16", ["precision=bf16"]),
+            ("compile", ["compile=true"]),
+        ):
+            switch_times[name].append(
+                vaeexp_train(data, store, "epochs=2", *extra)[1]["epoch_seconds"]
+            )
+    fp32 = median(switch_times["fp32"])
+    for name in ("bf16", "compile"):
+        row(
+            f"5. {name}: steady epoch vs fp32 eager",
+            f"{median(switch_times[name]) / fp32:.3f}",
+            f"first compiled epoch took {first_compile - ours:+.0f} s more"
+            if name == "compile"
+            else "",
+        )
+
+    starts = [startup(tmp / "startup") for _ in range(args.reps)]
+    row(
+        "3. start-up: `python -m vaeexp` to first step (s)",
+        f"{median(s[0] for s in starts):.2f}",
+        "goal < 5 s",
+    )
+    row("3. 1-epoch run on the bundled digits, wall (s)", f"{median(s[1] for s in starts):.2f}")
+
+    if not args.quick:
+        losses = {
+            name: vaeexp_train(data, store, "epochs=10", *extra)[1]["test/loss"]
+            for name, extra in (
+                ("fp32", []),
+                ("bf16", ["precision=bf16"]),
+                ("compile", ["compile=true"]),
+                ("seed 1", ["seed=1"]),
+            )
+        }
+        for name in ("bf16", "compile", "seed 1"):
+            note = (
+                "the noise floor: fp32 with another seed"
+                if name == "seed 1"
+                else "goal within 0.5; compiled code draws other noise (inductor RNG)"
+                if name == "compile"
+                else "goal within 0.5"
+            )
+            row(
+                f"5. {name}: test loss after 10 epochs minus fp32 (nats)",
+                f"{losses[name] - losses['fp32']:+.2f}",
+                note,
+            )
+        peak, parity = reference_run(tmp / "reference")
+        row("4. peak RSS, full 50-epoch reference run (MB)", f"{peak:.0f}", "goal < 1024")
+        for epoch, value in parity.items():
+            row(
+                f"parity: test loss after {epoch} epochs, vaeexp vs Keras",
+                f"{value:.2f}",
+                f"Keras {KERAS_TEST_LOSS[epoch]:.2f} ({value - KERAS_TEST_LOSS[epoch]:+.2f})",
+            )
+
+    if not args.no_write:
+        write_results(rows, args)
+
+
+def write_results(rows, args) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    table = "\n".join(
+        [
+            "| measurement | value | note |",
+            "| --- | --- | --- |",
+            *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        ]
+    )
+    block = (
+        f"<!-- bench:start -->\nLast run: {datetime.now():%Y-%m-%d %H:%M}, "
+        f"`python bench/run.py{' --quick' if args.quick else ''}`, on {machine()}; "
+        f"medians of {args.reps} interleaved repetitions.\n\n{table}\n<!-- bench:end -->"
+    )
+    if "<!-- bench:start -->" in text:
+        text = re.sub(
+            r"<!-- bench:start -->.*<!-- bench:end -->", lambda _: block, text, flags=re.S
+        )
+    else:
+        text += "\n" + block + "\n"
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
