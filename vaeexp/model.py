@@ -45,15 +45,22 @@ class VAE(nn.Module):
 
 
 def loss_terms(
-    model: VAE, x: torch.Tensor, epsilon_std: float = 1.0, generator: torch.Generator | None = None
+    model: VAE,
+    x: torch.Tensor,
+    epsilon_std: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image reconstruction and KL terms in nats, each of shape (n,).
 
     BCE is computed from logits: the same value as BCE on the sigmoid output, without its
     log(0) clipping, which is also what TF-Keras does internally for a sigmoid output.
+    `noise` (n, latent_dim) ~ N(0, 1) may be passed in, so that a compiled copy of this
+    function draws exactly what eager code draws.
     """
     mean, log_var = model.encode(x)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     z = mean + torch.exp(log_var / 2) * (epsilon_std * noise)
     logits = model.decode_logits(z)
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=1)

@@ -148,7 +148,7 @@ def train(
     )
     window, window_images = torch.zeros(2, device=device), 0  # sums since the last log
 
-    def flush() -> dict[str, float]:
+    def flush() -> None:
         nonlocal window_images
         recon, kl = (window / window_images).tolist()
         window.zero_()
@@ -158,7 +158,6 @@ def train(
         if hooks:
             hooks.on_step(step, values)
         bar.set_postfix(loss=f"{values['loss']:.2f}", refresh=False)
-        return values
 
     model.train()
     first_step = step + 1
@@ -172,8 +171,9 @@ def train(
                 x = train_x[idx]
                 if dynamic:
                     x = torch.bernoulli(x)
+                noise = torch.randn(len(x), cfg.latent_dim, device=device)
                 with autocast:
-                    recon, kl = objective(model, x, cfg.epsilon_std)
+                    recon, kl = objective(model, x, cfg.epsilon_std, noise=noise)
                 recon, kl = recon.float(), kl.float()
                 loss = (recon + kl).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -213,31 +213,29 @@ def train(
                 seconds,
             )
             if checkpoint_path is not None:
-                checkpoint.save(
-                    checkpoint_path,
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        "metrics": metrics,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": {
-                            "torch": torch.get_rng_state(),
-                            **(
-                                {"cuda": torch.cuda.get_rng_state()}
-                                if device.type == "cuda"
-                                else {}
-                            ),
-                        },
-                        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                        **(extra_state or {}),
-                    },
-                )
+                state = _state(cfg, model, optimizer, epoch, step, metrics, device)
+                checkpoint.save(checkpoint_path, state | (extra_state or {}))
             if hooks:
                 hooks.on_epoch_end(epoch, step, metrics, model)
             STOP.check()
     bar.close()
     return Result(model=model, epoch=epoch, step=step, metrics=metrics)
+
+
+def _state(cfg, model, optimizer, epoch, step, metrics, device) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly where this one stands."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+    }
 
 
 def _restore(state, cfg, model, optimizer, device) -> tuple[int, int, dict[str, float]]:
