@@ -316,13 +316,7 @@ def main() -> None:
             )
         }
         for name in ("bf16", "compile", "seed 1"):
-            note = (
-                "the noise floor: fp32 with another seed"
-                if name == "seed 1"
-                else "goal within 0.5; compiled code draws other noise (inductor RNG)"
-                if name == "compile"
-                else "goal within 0.5"
-            )
+            note = "the noise floor: fp32, another seed" if name == "seed 1" else "goal within 0.5"
             row(
                 f"5. {name}: test loss after 10 epochs minus fp32 (nats)",
                 f"{losses[name] - losses['fp32']:+.2f}",
