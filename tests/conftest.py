@@ -79,6 +79,26 @@ def run_cli(
     )
 
 
+def env_for(root: Path) -> dict[str, str]:
+    """The environment that points a CLI run at a project runs/ folder and store under root."""
+    return {
+        "VAEEXP_RUNS": str(root / "runs"),
+        "VAEEXP_DATA": str(root / "data"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'runs' / 'mlflow.db'}",
+    }
+
+
+def only_run(env: dict[str, str]):
+    """(client, experiment, run) for a store holding exactly one run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("vaeexp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, experiment, runs[0]
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass

@@ -13,9 +13,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, env_for, only_run, run_cli
 from vaeexp import checkpoint
 from vaeexp.config import PROJECT_ROOT
 from vaeexp.model import VAE
@@ -23,31 +22,15 @@ from vaeexp.model import VAE
 ARGS = [*TINY, "epochs=2", "intermediate_dim=64", "batch_size=50", "log_every_n_steps=3"]
 
 
-def _env(root: Path) -> dict[str, str]:
-    return {
-        "VAEEXP_RUNS": str(root / "runs"),
-        "VAEEXP_DATA": str(root / "data"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'runs' / 'mlflow.db'}",
-    }
-
-
-def _only_run(env):
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("vaeexp")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    return client, experiment, runs[0]
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     elsewhere = root / "some" / "other" / "folder"  # runs land in the store whatever the cwd
     elsewhere.mkdir(parents=True)
-    env = _env(root)
+    env = env_for(root)
     result = run_cli(*ARGS, env=env, cwd=elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
-    client, experiment, run = _only_run(env)
+    client, experiment, run = only_run(env)
     return env, client, experiment, run, result
 
 
@@ -155,7 +138,7 @@ def test_resume_continues_same_run(finished, tmp_path):
     args = [a for a in ARGS if a != "epochs=2"]
     result = run_cli(*args, "epochs=3", f"resume={out}", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    client, _, again = _only_run(env)  # the same run, not a new one
+    client, _, again = only_run(env)  # the same run, not a new one
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")]
     assert steps == [1, 2, 3]
@@ -164,13 +147,13 @@ def test_resume_continues_same_run(finished, tmp_path):
 
 
 def test_divergence_ends_failed_with_reason(tmp_path):
-    env = _env(tmp_path)
+    env = env_for(tmp_path)
     result = run_cli(*ARGS, "lr=1e30", "log_every_n_steps=1", env=env)
     assert result.returncode == 1
     assert (
         result.stderr.strip().splitlines()[-1].startswith("vaeexp: error: training loss diverged")
     )
-    _, _, run = _only_run(env)
+    _, _, run = only_run(env)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"].startswith("Diverged: training loss diverged at step")
     assert all(np.isfinite(v) for v in run.data.metrics.values())
@@ -178,7 +161,7 @@ def test_divergence_ends_failed_with_reason(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_ends_killed(tmp_path, sig):
-    env = {**os.environ, **_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **env_for(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vaeexp", *ARGS, "epochs=500"],
         env=env,
@@ -194,7 +177,7 @@ def test_interrupt_ends_killed(tmp_path, sig):
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, rest
     assert "interrupted" in rest
-    client, _, run = _only_run(_env(tmp_path))
+    client, _, run = only_run(env_for(tmp_path))
     assert run.info.status == "KILLED"
     # epoch 1 was complete before the signal: its metrics are kept
     assert next(m.step for m in client.get_metric_history(run.info.run_id, "test/loss")) == 1
@@ -217,5 +200,5 @@ def test_task_returns_final_test_loss(store, tmp_path):
     HydraConfig.instance().set_config(full)
     cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
     value = task(cfg)
-    _, _, run = _only_run(store)
+    _, _, run = only_run(store)
     assert isinstance(value, float) and value == pytest.approx(run.data.metrics["test/loss"])

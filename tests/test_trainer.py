@@ -106,3 +106,26 @@ def test_evaluation_does_not_touch_training_rng(data):
     first = evaluate(model, data.test_x, 1.0, 64)
     assert torch.equal(torch.get_rng_state(), before)
     assert evaluate(model, data.test_x, 1.0, 64) == first  # fixed noise: same model, same score
+
+
+def test_resume_takes_hyperparameters_from_the_config(data, tmp_path):
+    train(_cfg("epochs=1"), data, device=CPU, checkpoint_path=tmp_path / "c.pt")
+    state = checkpoint.load(tmp_path / "c.pt")
+    result = train(
+        _cfg("epochs=2", "lr=0.05"),
+        data,
+        device=CPU,
+        resume=state,
+        checkpoint_path=tmp_path / "c.pt",
+    )
+    saved = checkpoint.load(tmp_path / "c.pt")["optimizer"]
+    assert saved["param_groups"][0]["lr"] == 0.05  # not the checkpoint's 1e-3
+    assert saved["state"][0]["square_avg"].abs().sum() > 0 and result.epoch == 2
+
+
+def test_grad_clip_bounds_the_update(data):
+    clipped = train(
+        _cfg("epochs=1", "grad_clip=1e-3", "optimizer=adam", "lr=1e-2"), data, device=CPU
+    )
+    free = train(_cfg("epochs=1", "optimizer=adam", "lr=1e-2"), data, device=CPU)
+    assert clipped.metrics["test/loss"] != free.metrics["test/loss"]

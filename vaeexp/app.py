@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vaeexp.config import PROJECT_ROOT, ConfigError, explain, register, validate
 
 register()
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
@@ -43,13 +45,22 @@ def _train(cfg: DictConfig) -> float:
 
     from vaeexp import checkpoint
     from vaeexp.data import load_data
-    from vaeexp.tracking import tracked_run
+    from vaeexp.resume import resolve as resolve_resume
+    from vaeexp.tracking import check_reachable, tracked_run
     from vaeexp.trainer import pick_device, train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device.value)
-    resume = checkpoint.load(cfg.resume) if cfg.resume else None
+    check_reachable(cfg.tracking.uri)  # seconds, not minutes of retries, before any work
+    resume = None
+    if cfg.resume:
+        path = resolve_resume(cfg.resume, cfg, Path(cfg.paths.runs))
+        if path is None:
+            log.info("resume=auto: no checkpoint of this configuration yet; starting afresh")
+        else:
+            log.info("resuming from %s", path)
+            resume = checkpoint.load(path)
     data = load_data(cfg.data, progress=cfg.progress)
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
@@ -89,10 +100,12 @@ def final_metrics(cfg: DictConfig, model: Any, data: Any) -> dict[str, float]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vaeexp.checkpoint import CheckpointError
     from vaeexp.data import DataUnavailable, IdxError
+    from vaeexp.tracking import TrackingUnavailable
     from vaeexp.trainer import Diverged
 
     return (
         ConfigError,
+        TrackingUnavailable,
         HydraException,
         OmegaConfBaseException,
         DataUnavailable,

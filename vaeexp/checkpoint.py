@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,23 @@ class CheckpointError(RuntimeError):
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        raise CheckpointError(
+            f"{path}: could not write the checkpoint ({free // 1024} KiB free there: "
+            f"{str(e).splitlines()[0]}); the previous one, if any, is intact"
+        ) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -126,6 +126,7 @@ class Config:
     seed: int = 0
     device: Device = Device.auto
     threads: int = 0
+    grad_clip: float | None = None
     compile: bool = False
     precision: Precision = Precision.fp32
     log_every_n_steps: int = 50
@@ -162,6 +163,7 @@ _RULES: list[tuple[str, object, str]] = [
     ("eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("seed", lambda v: 0 <= v < 2**63, "an integer >= 0"),
     ("threads", lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
+    ("grad_clip", lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number > 0"),
     ("log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
     ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.train_limit", lambda v: v is None or v >= 1, "null or an integer >= 1"),
@@ -181,8 +183,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
     if cfg.data.name != DatasetName.mnist_bundled and cfg.data.download and not cfg.data.mirrors:
         raise ConfigError("data.mirrors is empty: list at least one mirror, or data.download=false")
-    if cfg.resume is not None and not Path(cfg.resume).exists():
-        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file or run folder")
+    if cfg.resume is not None and not (
+        cfg.resume == "auto"
+        or Path(cfg.resume).exists()
+        or re.fullmatch(r"[0-9a-f]{32}", cfg.resume)
+    ):
+        raise ConfigError(
+            f"resume={cfg.resume} is not allowed: must be auto, a run folder, a checkpoint file "
+            "or an MLflow run id"
+        )
     import torch  # late: keeps `--help` and config errors fast
 
     if cfg.device == Device.cuda and not torch.cuda.is_available():

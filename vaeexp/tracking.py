@@ -45,6 +45,35 @@ NOT_IN_NAME = (
 )
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or written; the message names the URI."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when a tracking server does not answer (MLflow's own client would retry
+    for minutes), and make sure a local store's folder exists."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnavailable(
+                f"tracking.uri={uri}: no MLflow server answers ({reason}); start one with "
+                "`mlflow server --host 127.0.0.1 --port 5000`, or use the local store "
+                "(tracking=local)"
+            ) from None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingUnavailable(f"tracking.uri={uri}: cannot create {folder} ({e})") from None
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -102,17 +131,24 @@ class MlflowHooks:
     ):
         self.client, self.run_id, self.cfg = client, run_id, cfg
         self.pending: list[Metric] = []
+        # After a hard kill, a resumed run retrains steps it may already have logged:
+        # points at or before these were delivered and are not sent twice.
+        self.logged_step, self.logged_epoch = 0, 0
         self.last_flush = time.monotonic()
         self.fixed_x = data.test_x[:50].to(device)  # the same digits every epoch
         g = torch.Generator().manual_seed(0)
         self.fixed_z = torch.randn(100, cfg.latent_dim, generator=g).to(device)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.logged_step:
+            return
         self._add({f"train/{k}_step": v for k, v in metrics.items()}, step)
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
+        if epoch <= self.logged_epoch:
+            return
         self._add(metrics | {"epoch": epoch, "step": step}, epoch)
         self.flush()
         if self.cfg.tracking.log_images:
@@ -227,7 +263,8 @@ def tracked_run(
         "device.resolved": str(device),
     }
 
-    if resume_run_id and _exists(client, resume_run_id):
+    resumed = bool(resume_run_id) and _exists(client, resume_run_id)
+    if resumed:
         run = mlflow.start_run(run_id=resume_run_id)
         logged = client.get_run(resume_run_id).data.params
         params = {k: v for k, v in params.items() if k not in logged}
@@ -245,6 +282,9 @@ def tracked_run(
             mlflow.log_artifacts(str(hydra_dir), "hydra")
         log.info("MLflow run %s (%s) in %s", run_id, run.info.run_name, cfg.tracking.uri)
         hooks = MlflowHooks(client, run_id, cfg, data, device)
+        if resumed:
+            hooks.logged_step = _last_step(client, run_id, "train/loss_step")
+            hooks.logged_epoch = _last_step(client, run_id, "test/loss")
         yield TrackedRun(client, run_id, hooks)
         for logfile in output_dir.glob("*.log"):
             mlflow.log_artifact(str(logfile))
@@ -274,6 +314,10 @@ def _artifact_location(tracking: DictConfig) -> str | None:
     if tracking.artifact_location is None or not tracking.uri.startswith(("sqlite:", "file:", "/")):
         return None
     return Path(tracking.artifact_location).resolve().as_uri()
+
+
+def _last_step(client: MlflowClient, run_id: str, key: str) -> int:
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)
 
 
 def _exists(client: MlflowClient, run_id: str) -> bool:

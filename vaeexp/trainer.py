@@ -77,6 +77,23 @@ class Hooks(Protocol):
 
 
 @dataclass
+class Position:
+    """Where training stands: all a checkpoint needs, beyond weights and RNG, to continue exactly
+    (mid-epoch included), with the same metric points an uninterrupted run would log."""
+
+    epoch: int  # completed epochs
+    batch: int  # batches done in the current epoch
+    step: int
+    epoch_sums: torch.Tensor  # (recon, kl) summed over this epoch's images so far
+    window: torch.Tensor  # (recon, kl) summed since the last step-metric point
+    window_images: int
+
+    @classmethod
+    def start(cls, device: torch.device) -> Position:
+        return cls(0, 0, 0, torch.zeros(2, device=device), torch.zeros(2, device=device), 0)
+
+
+@dataclass
 class Result:
     model: VAE
     epoch: int
@@ -128,46 +145,47 @@ def train(
     torch.manual_seed(cfg.seed)
     model = VAE(cfg.latent_dim, cfg.intermediate_dim, cfg.init.value).to(device)
     optimizer = make_optimizer(cfg.optimizer.value, model.parameters(), cfg.lr, cfg.rho, cfg.eps)
-    epoch, step, metrics = 0, 0, {}
+    pos, metrics = Position.start(device), {}
     if resume is not None:
-        epoch, step, metrics = _restore(resume, cfg, model, optimizer, device)
+        pos, metrics = _restore(resume, cfg, model, optimizer, device)
 
     objective = torch.compile(loss_terms) if cfg.compile else loss_terms
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision.value == "bf16")
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     dynamic = cfg.data.binarize == Binarize.dynamic
     n, batch_size = len(train_x), cfg.batch_size
-    steps_per_epoch = math.ceil(n / batch_size)
+    check_each_step = device.type == "cpu"  # free on CPU; elsewhere it would sync every step
     bar = tqdm(
-        total=cfg.epochs * steps_per_epoch,
-        initial=step,
+        total=cfg.epochs * math.ceil(n / batch_size),
+        initial=pos.step,
         unit="step",
         dynamic_ncols=True,
         disable=not cfg.progress,
         desc="training",
     )
-    window, window_images = torch.zeros(2, device=device), 0  # sums since the last log
+
+    def save() -> None:
+        if checkpoint_path is not None:
+            state = _state(cfg, model, optimizer, pos, metrics, device)
+            checkpoint.save(checkpoint_path, state | (extra_state or {}))
 
     def flush() -> None:
-        nonlocal window_images
-        recon, kl = (window / window_images).tolist()
-        window.zero_()
-        window_images = 0
-        _check_finite(step, recon, kl)
-        values = {"loss": recon + kl, "recon": recon, "kl": kl}
+        recon, kl = (pos.window / pos.window_images).tolist()
+        pos.window.zero_()
+        pos.window_images = 0
+        _check_finite(pos.step, recon, kl)
         if hooks:
-            hooks.on_step(step, values)
-        bar.set_postfix(loss=f"{values['loss']:.2f}", refresh=False)
+            hooks.on_step(pos.step, {"loss": recon + kl, "recon": recon, "kl": kl})
+        bar.set_postfix(loss=f"{recon + kl:.2f}", refresh=False)
 
     model.train()
-    first_step = step + 1
+    first_step = pos.step + 1
     with STOP.armed(), logging_redirect_tqdm():
-        while epoch < cfg.epochs:
+        while pos.epoch < cfg.epochs:
             started = time.perf_counter()
-            epoch_sums = torch.zeros(2, device=device)
-            order = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # resumable: no state
-            perm = torch.randperm(n, generator=order)
-            for idx in perm.to(device).split(batch_size):
+            order = torch.Generator().manual_seed(cfg.seed * 100_003 + pos.epoch)  # stateless
+            batches = torch.randperm(n, generator=order).to(device).split(batch_size)
+            for idx in batches[pos.batch :]:
                 x = train_x[idx]
                 if dynamic:
                     x = torch.bernoulli(x)
@@ -176,35 +194,43 @@ def train(
                     recon, kl = objective(model, x, cfg.epsilon_std, noise=noise)
                 recon, kl = recon.float(), kl.float()
                 loss = (recon + kl).mean()
+                if check_each_step and not torch.isfinite(loss):
+                    _check_finite(pos.step + 1, recon.sum().item(), kl.sum().item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
 
-                step += 1
-                if step == first_step:
+                pos.step += 1
+                pos.batch += 1
+                if pos.step == first_step:
                     log.info("first step done")  # bench/ times start-up by this line
                 batch_sums = torch.stack((recon.sum(), kl.sum())).detach()
-                window += batch_sums
-                epoch_sums += batch_sums
-                window_images += len(idx)
+                pos.window += batch_sums
+                pos.epoch_sums += batch_sums
+                pos.window_images += len(idx)
                 bar.update()
-                if step % cfg.log_every_n_steps == 0:
+                if pos.step % cfg.log_every_n_steps == 0:
                     flush()
-                STOP.check()
-            if window_images:
-                flush()  # the epoch's tail, so a checkpoint never holds a half-filled window
-            epoch += 1
+                if STOP.requested:
+                    save()  # mid-epoch: a resumed run continues with the next batch
+                    STOP.check()
+            if pos.window_images:
+                flush()  # the epoch's tail
+            pos.epoch, pos.batch = pos.epoch + 1, 0
 
-            recon, kl = (epoch_sums / n).tolist()
+            recon, kl = (pos.epoch_sums / n).tolist()
+            pos.epoch_sums.zero_()
             metrics = {"train/loss": recon + kl, "train/recon": recon, "train/kl": kl}
             test = evaluate(model, test_x, cfg.epsilon_std, cfg.eval_batch_size)
-            _check_finite(step, test["recon"], test["kl"], where="test set")
+            _check_finite(pos.step, test["recon"], test["kl"], where="test set")
             metrics |= {f"test/{k}": v for k, v in test.items()}
             seconds = time.perf_counter() - started
             metrics |= {"epoch_seconds": seconds, "images_per_second": n / seconds}
             log.info(
                 "epoch %d/%d  train %.2f  test %.2f (recon %.2f, kl %.2f)  %.1fs",
-                epoch,
+                pos.epoch,
                 cfg.epochs,
                 metrics["train/loss"],
                 test["loss"],
@@ -212,24 +238,25 @@ def train(
                 test["kl"],
                 seconds,
             )
-            if checkpoint_path is not None:
-                state = _state(cfg, model, optimizer, epoch, step, metrics, device)
-                checkpoint.save(checkpoint_path, state | (extra_state or {}))
+            save()
             if hooks:
-                hooks.on_epoch_end(epoch, step, metrics, model)
+                hooks.on_epoch_end(pos.epoch, pos.step, metrics, model)
             STOP.check()
     bar.close()
-    return Result(model=model, epoch=epoch, step=step, metrics=metrics)
+    return Result(model=model, epoch=pos.epoch, step=pos.step, metrics=metrics)
 
 
-def _state(cfg, model, optimizer, epoch, step, metrics, device) -> dict[str, Any]:
-    """Everything a resumed run needs to continue exactly where this one stands."""
+def _state(cfg, model, optimizer, pos: Position, metrics, device) -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
     return {
-        "epoch": epoch,
-        "step": step,
+        "epoch": pos.epoch,
+        "batch": pos.batch,
+        "step": pos.step,
+        "epoch_sums": pos.epoch_sums.cpu(),
+        "window": pos.window.cpu(),
+        "window_images": pos.window_images,
         "metrics": metrics,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -238,7 +265,7 @@ def _state(cfg, model, optimizer, epoch, step, metrics, device) -> dict[str, Any
     }
 
 
-def _restore(state, cfg, model, optimizer, device) -> tuple[int, int, dict[str, float]]:
+def _restore(state, cfg, model, optimizer, device) -> tuple[Position, dict[str, float]]:
     saved = state.get("config", {})
     for key in ARCHITECTURE:
         if saved.get(key) != cfg[key]:
@@ -246,15 +273,28 @@ def _restore(state, cfg, model, optimizer, device) -> tuple[int, int, dict[str, 
                 f"resume: the checkpoint has {key}={saved.get(key)}, the config says {cfg[key]}"
             )
     model.load_state_dict(state["model"])
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, hyper in zip(optimizer.param_groups, configured, strict=True):
+        group.update(hyper)  # the config's lr, rho, eps win; the checkpoint gives the statistics
     torch.set_rng_state(state["rng"]["torch"])
     if device.type == "cuda" and "cuda" in state["rng"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"])
-    log.info("resumed from epoch %d, step %d", state["epoch"], state["step"])
-    return state["epoch"], state["step"], dict(state.get("metrics", {}))
+    pos = Position(
+        epoch=state["epoch"],
+        batch=state.get("batch", 0),
+        step=state["step"],
+        epoch_sums=state.get("epoch_sums", torch.zeros(2)).to(device),
+        window=state.get("window", torch.zeros(2)).to(device),
+        window_images=state.get("window_images", 0),
+    )
+    log.info("resumed at epoch %d, batch %d (step %d)", pos.epoch + 1, pos.batch, pos.step)
+    return pos, dict(state.get("metrics", {}))
 
 
 def _check_finite(step: int, recon: float, kl: float, where: str = "training") -> None:
     for term, value in (("recon", recon), ("kl", kl)):
         if not math.isfinite(value):
             raise Diverged(f"{where} loss diverged at step {step}: {term} is {value}")
+    if not math.isfinite(recon + kl):
+        raise Diverged(f"{where} loss diverged at step {step}: recon + kl is {recon + kl}")

@@ -94,6 +94,11 @@ def _idx_dataset(cfg: DataConfig, name: str, progress: bool) -> Dataset:
             return _read(paths, name, str(cache))
         except DownloadError as e:
             tried += f", and download failed: {e}"
+        except OSError as e:  # the cache itself: not writable, not a folder, disk full
+            raise DataUnavailable(
+                f"data.root={cfg.root}: cannot write the download cache ({e}); point data.root "
+                "(or VAEEXP_DATA) at a writable folder"
+            ) from None
     if name == "mnist" and cfg.fallback:
         log.warning(
             "\n" + "!" * 78 + "\n"

@@ -1,0 +1,209 @@
+"""Fault injection with real processes and signals: each test asserts what the user sees and that
+nothing was lost."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import env_for, only_run, run_cli
+from vaeexp import checkpoint
+
+# Slow enough to interrupt mid-epoch (450 steps an epoch), small enough to finish in seconds.
+ARGS = [
+    "data=mnist_bundled",
+    "data.test_limit=200",
+    "batch_size=10",
+    "intermediate_dim=64",
+    "log_every_n_steps=7",
+    "progress=false",
+    "tracking.log_model=false",
+    "tracking.log_images=false",
+    "eval.iwae_k=10",
+    "eval.iwae_images=20",
+]
+COMPARED = (
+    "train/loss_step",
+    "train/recon_step",
+    "train/kl_step",
+    "train/loss",
+    "test/loss",
+    "test/recon",
+    "test/kl",
+    "test/neg_elbo",
+    "test_nll_iwae_k10",
+)
+
+
+def _start(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vaeexp", *ARGS, *args],
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, text: str) -> None:
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"process ended before printing {text!r}")
+
+
+def _histories(env) -> dict[str, list[tuple[int, float]]]:
+    client, _, run = only_run(env)
+    return {
+        k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
+        for k in COMPARED
+    }
+
+
+def test_interrupt_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = env_for(tmp_path / "straight")
+    assert run_cli(*ARGS, "epochs=2", env=straight).returncode == 0
+
+    env = env_for(tmp_path / "interrupted")
+    proc = _start(env, "epochs=2")
+    _wait_for(proc, "first step done")
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and time.monotonic() - started < 10
+    assert "stopping after this step" in output and "marked KILLED" in output
+    _, _, run = only_run(env)
+    assert run.info.status == "KILLED"
+    state = checkpoint.load(run.data.tags["output_dir"])
+    assert 0 < state["step"] < 900  # stopped before the end, at a step boundary
+
+    resumed = run_cli(*ARGS, "epochs=2", "resume=auto", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _, _, again = only_run(env)  # the same MLflow run, finished
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert _histories(env) == _histories(straight)  # no gap, no duplicate, same numbers
+
+
+def test_sigkill_keeps_last_checkpoint_and_resume_by_run_id(tmp_path):
+    env = env_for(tmp_path)
+    proc = _start(env, "epochs=6")
+    _wait_for(proc, "epoch 2/6")
+    time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=30)
+    client, _, run = only_run(env)
+    assert run.info.status == "RUNNING"  # nobody could tell MLflow
+    state = checkpoint.load(run.data.tags["output_dir"])  # intact: written atomically
+    assert state["epoch"] >= 2
+
+    resumed = run_cli(*ARGS, "epochs=6", f"resume={run.info.run_id}", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _, _, again = only_run(env)
+    assert again.info.status == "FINISHED"
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
+    assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def test_truncated_or_foreign_checkpoint_is_one_clear_line(tmp_path):
+    env = env_for(tmp_path)
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    checkpoint.save(folder / checkpoint.FILENAME, {"model": {"w": torch.zeros(10_000)}})
+    path = folder / checkpoint.FILENAME
+    path.write_bytes(path.read_bytes()[:3000])
+    result = run_cli(*ARGS, "epochs=1", f"resume={folder}", env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"vaeexp: error: {path}: not a readable checkpoint (RuntimeError); it may be truncated or "
+        "not written by vaeexp"
+    ]
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # refused before any run was made
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    env = env_for(tmp_path)
+    assert run_cli(*ARGS, "epochs=1", env=env).returncode == 0
+    _, _, run = only_run(env)
+    folder = run.data.tags["output_dir"]
+    good = checkpoint.load(folder)
+
+    result = run_cli(*ARGS, "epochs=3", "lr=1e30", f"resume={folder}", env=env)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(r"vaeexp: error: training loss diverged at step 45[12]: ", last)
+    assert last.split(": ")[-1] in ("recon is nan", "recon is inf", "kl is nan", "kl is inf")
+    _, _, failed = only_run(env)
+    assert failed.info.status == "FAILED" and "Diverged" in failed.data.tags["failure_reason"]
+    kept = checkpoint.load(folder)
+    assert kept["step"] == good["step"] == 450  # the new folder got none; the good one is intact
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_unreachable_tracking_server_fails_in_seconds(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens here
+    started = time.monotonic()
+    result = run_cli(
+        *ARGS, "epochs=1", f"tracking.uri=http://127.0.0.1:{port}", env=env_for(tmp_path)
+    )
+    assert result.returncode == 1 and time.monotonic() - started < 20
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"vaeexp: error: tracking.uri=http://127.0.0.1:{port}: no MLflow server")
+    assert "first step done" not in result.stdout
+
+
+def test_data_cache_that_cannot_be_written(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_cli(
+        "epochs=1",
+        "progress=false",
+        f"data.root={tmp_path / 'a-file' / 'cache'}",
+        env=env_for(tmp_path),
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "cannot write the download cache" in line and "data.root=" in line
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 512 KiB tmpfs: room for one small checkpoint, not for two."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_for_checkpoints_fails_clearly_and_keeps_the_last(tmp_path, full_disk):
+    env = env_for(tmp_path)
+    result = run_cli(
+        *ARGS, "intermediate_dim=32", "epochs=3", f"hydra.run.dir={full_disk}", env=env
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"vaeexp: error: {full_disk / 'checkpoint.pt'}: could not write")
+    assert last.endswith("the previous one, if any, is intact")
+    assert checkpoint.load(full_disk)["epoch"] >= 1  # the last complete checkpoint survives
+    assert [p.name for p in Path(full_disk).glob(".checkpoint*")] == []  # no temp file left
+    _, _, run = only_run(env)
+    assert run.info.status == "FAILED" and "CheckpointError" in run.data.tags["failure_reason"]

@@ -1,0 +1,82 @@
+"""Where a resumed run continues from: `auto`, a run folder, a checkpoint or an MLflow run id.
+
+`auto` picks the newest checkpoint under the project's runs/ whose configuration is this one's,
+ignoring settings that do not change what is trained (where it is logged, how many epochs are
+asked for, progress bars...), so re-launching the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaeexp import checkpoint
+
+log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# Top-level keys that may differ between a run and its continuation.
+NOT_IDENTITY = {
+    "resume",
+    "progress",
+    "epochs",
+    "threads",
+    "device",
+    "tracking",
+    "paths",
+    "eval",
+    "checkpoint",
+}
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
+
+def resolve(spec: str, cfg: DictConfig, runs_dir: Path) -> Path | None:
+    """The checkpoint file to resume from; None for `auto` with nothing to continue."""
+    if spec == "auto":
+        return latest_matching(cfg, runs_dir)
+    if RUN_ID.match(spec) and not Path(spec).exists():
+        return _from_run_id(spec, cfg.tracking.uri)
+    return checkpoint.locate(spec)
+
+
+def latest_matching(cfg: DictConfig, runs_dir: Path) -> Path | None:
+    wanted = identity(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    candidates = sorted(
+        (
+            p
+            for sub in ("outputs", "multirun")
+            for p in (runs_dir / sub).glob(f"**/{checkpoint.FILENAME}")
+        ),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for path in candidates:
+        try:
+            saved = checkpoint.load(path).get("config", {})
+        except checkpoint.CheckpointError as e:
+            log.warning("resume=auto: skipping %s", e)
+            continue
+        if identity(saved) == wanted:
+            return path
+    return None
+
+
+def _from_run_id(run_id: str, uri: str) -> Path:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        raise checkpoint.CheckpointError(f"resume={run_id}: no such MLflow run in {uri}") from None
+    folder = run.data.tags.get("output_dir")
+    if not folder:
+        raise checkpoint.CheckpointError(f"resume={run_id}: the run has no output_dir tag")
+    return checkpoint.locate(folder)
