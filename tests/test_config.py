@@ -29,7 +29,11 @@ from vaeexp.config import Binarize, Optimizer
             "data.binarize=maybe is not allowed: must be one of none, static, dynamic",
         ),
         ("data.fallback=perhaps", "data.fallback=perhaps is not allowed: must be true or false"),
-        ("resume=/no/such/run", "resume=/no/such/run: no such checkpoint file or run folder"),
+        (
+            "resume=/no/such/run",
+            "resume=/no/such/run is not allowed: must be auto, a run folder, a checkpoint file "
+            "or an MLflow run id",
+        ),
     ],
 )
 def test_bad_value_one_line_nonzero_nothing_created(store, override, expected):

@@ -207,3 +207,94 @@ def test_full_disk_for_checkpoints_fails_clearly_and_keeps_the_last(tmp_path, fu
     assert [p.name for p in Path(full_disk).glob(".checkpoint*")] == []  # no temp file left
     _, _, run = only_run(env)
     assert run.info.status == "FAILED" and "CheckpointError" in run.data.tags["failure_reason"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real tracking server on 127.0.0.1 with its own SQLite store and artifact folder."""
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            assert proc.poll() is None, "mlflow server exited"
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("mlflow server did not come up")
+
+
+def test_tracking_server_going_away_does_not_stop_training(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(server_root, port)
+    env = env_for(tmp_path)
+    proc = _start(
+        env,
+        "epochs=4",
+        f"tracking.uri={uri}",
+        "tracking.log_images=true",
+        "tracking.log_model=true",
+    )
+    try:
+        _wait_for(proc, "epoch 1/4")
+    finally:
+        server.terminate()  # the server goes away in the middle of training
+        server.wait(timeout=30)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1, output[-3000:]
+    assert "training goes on" in output and "epoch 4/4" in output  # training finished anyway
+    [manifest] = (tmp_path / "runs").glob("outputs/**/undelivered.json")
+    folder = manifest.parent
+    assert f"python -m vaeexp.sync {folder}" in output
+    assert checkpoint.load(folder)["epoch"] == 4
+    assert list((folder / "undelivered").glob("*.png"))  # images kept on disk
+
+    server = _mlflow_server(server_root, port)  # back, with the same store
+    try:
+        result = run_cli(str(folder), module="vaeexp.sync", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(uri)
+        [run] = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
+        assert run.info.status == "FINISHED"
+        epochs = [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")]
+        assert epochs == [1, 2, 3, 4]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
+        assert steps == sorted(set(steps)) and steps[-1] == 4 * 450
+        assert "test_nll_iwae_k10" in run.data.metrics
+        images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+        assert any("reconstructions+step+4+" in p for p in images)
+        assert not manifest.exists() and (folder / "undelivered.json.delivered").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -100,12 +100,14 @@ def final_metrics(cfg: DictConfig, model: Any, data: Any) -> dict[str, float]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vaeexp.checkpoint import CheckpointError
     from vaeexp.data import DataUnavailable, IdxError
+    from vaeexp.delivery import DeliveryIncomplete
     from vaeexp.tracking import TrackingUnavailable
     from vaeexp.trainer import Diverged
 
     return (
         ConfigError,
         TrackingUnavailable,
+        DeliveryIncomplete,
         HydraException,
         OmegaConfBaseException,
         DataUnavailable,

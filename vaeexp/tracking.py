@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaeexp import images
 from vaeexp.config import PROJECT_ROOT
 from vaeexp.data import Dataset
+from vaeexp.delivery import DeliveryIncomplete, Outbox, fail_fast_over_http
 from vaeexp.model import VAE
 from vaeexp.trainer import Result
 
@@ -53,6 +54,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds when a tracking server does not answer (MLflow's own client would retry
     for minutes), and make sure a local store's folder exists."""
     if uri.startswith(("http://", "https://")):
+        fail_fast_over_http()
         import urllib.error
         import urllib.request
 
@@ -123,13 +125,12 @@ class MlflowHooks:
 
     def __init__(
         self,
-        client: MlflowClient,
-        run_id: str,
+        outbox: Outbox,
         cfg: DictConfig,
         data: Dataset,
         device: torch.device,
     ):
-        self.client, self.run_id, self.cfg = client, run_id, cfg
+        self.outbox, self.cfg = outbox, cfg
         self.pending: list[Metric] = []
         # After a hard kill, a resumed run retrains steps it may already have logged:
         # points at or before these were delivered and are not sent twice.
@@ -165,12 +166,11 @@ class MlflowHooks:
         self.flush()
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self.client.log_image(self.run_id, image, key=key, step=step)
+        self.outbox.image_out(image, key, step)
 
     def flush(self) -> None:
-        for start in range(0, len(self.pending), 1000):  # MLflow's per-batch limit
-            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
-        self.pending.clear()
+        self.outbox.metrics_out(self.pending)
+        self.pending = []
         self.last_flush = time.monotonic()
 
     def _add(self, metrics: dict[str, float], step: int) -> None:
@@ -179,8 +179,8 @@ class MlflowHooks:
 
 
 class TrackedRun:
-    def __init__(self, client: MlflowClient, run_id: str, hooks: MlflowHooks):
-        self.client, self.run_id, self.hooks = client, run_id, hooks
+    def __init__(self, run_id: str, hooks: MlflowHooks):
+        self.run_id, self.hooks, self.outbox = run_id, hooks, hooks.outbox
 
     def finish(
         self,
@@ -194,14 +194,17 @@ class TrackedRun:
         for key, value in final_metrics.items():
             log.info("%s = %.2f", key, value)
         if checkpoint_path is not None and checkpoint_path.is_file():
-            mlflow.log_artifact(str(checkpoint_path))  # what `python -m vaeexp.evaluate` reads
-        if not self.hooks.cfg.tracking.log_model:
-            return
-        model = result.model.cpu().eval()
-        x = example[:5].cpu()
-        z = torch.zeros(5, model.latent_dim)
-        _log_model(model, x, "model")  # images -> reconstructions
-        _log_model(_Decoder(model), z, "decoder")  # latent codes -> images
+            self.outbox.artifact_out(checkpoint_path)  # what `python -m vaeexp.evaluate` reads
+        if self.hooks.cfg.tracking.log_model:
+            model = result.model.cpu().eval()
+            if not self.outbox.call("logging the models", log_models, model, example[:5].cpu()):
+                self.outbox.models = True
+
+
+def log_models(model: VAE, example: torch.Tensor) -> None:
+    """The two exported models: images -> reconstructions, latent codes -> images."""
+    _log_model(model, example, "model")
+    _log_model(_Decoder(model), torch.zeros(len(example), model.latent_dim), "decoder")
 
 
 class _Decoder(torch.nn.Module):
@@ -273,7 +276,9 @@ def tracked_run(
         name = cfg.tracking.run_name or run_name(overrides)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
     run_id = run.info.run_id
+    outbox = Outbox(client, run_id, cfg.tracking.uri, output_dir)
     hooks = None
+    status, failure = RunStatus.FINISHED, None
     try:
         mlflow.set_tags(tags)
         mlflow.log_params(params)
@@ -281,32 +286,39 @@ def tracked_run(
         if hydra_dir.is_dir():
             mlflow.log_artifacts(str(hydra_dir), "hydra")
         log.info("MLflow run %s (%s) in %s", run_id, run.info.run_name, cfg.tracking.uri)
-        hooks = MlflowHooks(client, run_id, cfg, data, device)
+        hooks = MlflowHooks(outbox, cfg, data, device)
         if resumed:
             hooks.logged_step = _last_step(client, run_id, "train/loss_step")
             hooks.logged_epoch = _last_step(client, run_id, "test/loss")
-        yield TrackedRun(client, run_id, hooks)
+        yield TrackedRun(run_id, hooks)
         for logfile in output_dir.glob("*.log"):
-            mlflow.log_artifact(str(logfile))
+            outbox.artifact_out(logfile)
     except KeyboardInterrupt:
-        _flush_quietly(hooks)
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        status = RunStatus.KILLED
         raise
     except BaseException as e:
-        _flush_quietly(hooks)
-        mlflow.set_tag("failure_reason", f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        status, failure = RunStatus.FAILED, f"{type(e).__name__}: {e}"[:5000]
         raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
-
-
-def _flush_quietly(hooks: MlflowHooks | None) -> None:
-    """Keep the metrics logged before a failure; a second error must not hide the first."""
-    try:
+    finally:
         if hooks is not None:
-            hooks.flush()
-    except Exception as e:
-        log.warning("could not send the last metrics to MLflow: %s", e)
+            hooks.flush()  # keep what was measured before a failure
+        if failure:
+            outbox.call("tagging the failure", client.set_tag, run_id, "failure_reason", failure)
+        name = RunStatus.to_string(status)
+        if not outbox.call("ending the run", mlflow.end_run, name):
+            outbox.status = name
+        undelivered = outbox.pending()
+        if undelivered:
+            manifest = outbox.write_manifest()
+            message = (
+                f"the run {'trained' if status == RunStatus.FINISHED else 'stopped'}, "
+                f"but {undelivered} could not be delivered to {cfg.tracking.uri}; they are "
+                f"kept in {manifest}: run `python -m vaeexp.sync {output_dir}` when it is "
+                "back"
+            )
+            if status == RunStatus.FINISHED:
+                raise DeliveryIncomplete(message)
+            log.error(message)
 
 
 def _artifact_location(tracking: DictConfig) -> str | None:

@@ -1,0 +1,68 @@
+"""`python -m vaeexp.sync <run folder>`: deliver what a run could not send to its tracking server.
+
+Reads the run folder's undelivered.json (written when the server went away during training),
+sends the kept metrics, images, artifacts and models, sets the run's final status, and marks the
+file as delivered. Safe to repeat: what arrives is removed from the file as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlflow
+
+from vaeexp import checkpoint
+from vaeexp.config import register
+from vaeexp.delivery import MANIFEST, Outbox
+from vaeexp.model import VAE
+
+
+def sync(folder: Path, uri: str | None = None) -> Outbox:
+    box = Outbox.from_manifest(folder, uri)
+    if box.retry() and box.models:
+        import torch
+
+        from vaeexp.tracking import log_models
+
+        state = checkpoint.load(folder)  # the trained weights: the models are rebuilt from them
+        model = VAE(state["config"]["latent_dim"], state["config"]["intermediate_dim"])
+        model.load_state_dict(state["model"])
+        example = torch.rand(5, 784, generator=torch.Generator().manual_seed(0))
+        mlflow.set_tracking_uri(box.uri)
+        with mlflow.start_run(run_id=box.run_id):
+            box.models = not box.call("logging the models", log_models, model.eval(), example)
+    if (
+        box.status
+        and not box.models
+        and box.retry()
+        and box.call("ending the run", box.client.set_terminated, box.run_id, box.status)
+    ):
+        box.status = None
+    if box.pending():
+        box.write_manifest()
+    else:
+        (folder / MANIFEST).rename(folder / f"{MANIFEST}.delivered")
+    return box
+
+
+def main(argv: list[str] | None = None) -> None:
+    register()
+    parser = argparse.ArgumentParser(prog="python -m vaeexp.sync", description=__doc__)
+    parser.add_argument("folder", type=Path, help="the run folder named by the failed run")
+    parser.add_argument("--uri", help="send to this tracking URI instead of the recorded one")
+    args = parser.parse_args(argv)
+    if not (args.folder / MANIFEST).is_file():
+        sys.exit(f"vaeexp.sync: error: {args.folder / MANIFEST} not found: nothing to deliver")
+    box = sync(args.folder, args.uri)
+    if box.pending():
+        sys.exit(
+            f"vaeexp.sync: error: {box.uri} still does not take {box.pending()}; "
+            "kept for the next try"
+        )
+    print(f"vaeexp.sync: run {box.run_id} is complete in {box.uri}")
+
+
+if __name__ == "__main__":
+    main()
