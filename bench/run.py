@@ -276,19 +276,24 @@ def main() -> None:
         f"vaeexp {lean / ours:.2f}x faster",
     )
 
-    switch_times: dict[str, list[float]] = {"fp32": [], "bf16": [], "compile": []}
+    switch_times: dict[str, list[float]] = {"fp32": [], "bf16": [], "compile": [], "threads=1": []}
     first_compile = vaeexp_train(data, store, "epochs=1", "compile=true")[0]
     for _ in range(args.reps):
         for name, extra in (
             ("fp32", []),
             ("bf16", ["precision=bf16"]),
             ("compile", ["compile=true"]),
+            ("threads=1", ["threads=1"]),
         ):
+            threads = torch.get_num_threads()
+            if "threads=1" in extra:
+                torch.set_num_threads(1)  # what `python -m vaeexp threads=1` does
             switch_times[name].append(
                 vaeexp_train(data, store, "epochs=2", *extra)[1]["epoch_seconds"]
             )
+            torch.set_num_threads(threads)
     fp32 = median(switch_times["fp32"])
-    for name in ("bf16", "compile"):
+    for name in ("bf16", "compile", "threads=1"):
         row(
             f"5. {name}: steady epoch vs fp32 eager",
             f"{median(switch_times[name]) / fp32:.3f}",
