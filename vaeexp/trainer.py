@@ -84,7 +84,7 @@ class Position:
     epoch: int  # completed epochs
     batch: int  # batches done in the current epoch
     step: int
-    epoch_sums: torch.Tensor  # (recon, kl) summed over this epoch's images so far
+    epoch_sums: torch.Tensor  # (recon, kl) summed over this epoch's flushed windows so far
     window: torch.Tensor  # (recon, kl) summed since the last step-metric point
     window_images: int
 
@@ -150,11 +150,14 @@ def train(
         pos, metrics = _restore(resume, cfg, model, optimizer, device)
 
     objective = torch.compile(loss_terms) if cfg.compile else loss_terms
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision.value == "bf16")
+    bf16 = cfg.precision.value == "bf16"
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     dynamic = cfg.data.binarize == Binarize.dynamic
     n, batch_size = len(train_x), cfg.batch_size
     check_each_step = device.type == "cpu"  # free on CPU; elsewhere it would sync every step
+    # Plain locals: an OmegaConf attribute read costs microseconds, read every step it adds up.
+    epsilon_std, latent_dim, grad_clip = cfg.epsilon_std, cfg.latent_dim, cfg.grad_clip
+    log_every = cfg.log_every_n_steps
     bar = tqdm(
         total=cfg.epochs * math.ceil(n / batch_size),
         initial=pos.step,
@@ -170,6 +173,7 @@ def train(
             checkpoint.save(checkpoint_path, state | (extra_state or {}))
 
     def flush() -> None:
+        pos.epoch_sums += pos.window  # windows never straddle an epoch: its tail is flushed
         recon, kl = (pos.window / pos.window_images).tolist()
         pos.window.zero_()
         pos.window_images = 0
@@ -189,29 +193,30 @@ def train(
                 x = train_x[idx]
                 if dynamic:
                     x = torch.bernoulli(x)
-                noise = torch.randn(len(x), cfg.latent_dim, device=device)
-                with autocast:
-                    recon, kl = objective(model, x, cfg.epsilon_std, noise=noise)
-                recon, kl = recon.float(), kl.float()
+                noise = torch.randn(len(x), latent_dim, device=device)
+                if bf16:
+                    with torch.autocast(device.type, torch.bfloat16):
+                        recon, kl = objective(model, x, epsilon_std, noise=noise)
+                    recon, kl = recon.float(), kl.float()
+                else:
+                    recon, kl = objective(model, x, epsilon_std, noise=noise)
                 loss = (recon + kl).mean()
-                if check_each_step and not torch.isfinite(loss):
+                if check_each_step and not math.isfinite(loss.item()):
                     _check_finite(pos.step + 1, recon.sum().item(), kl.sum().item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
 
                 pos.step += 1
                 pos.batch += 1
                 if pos.step == first_step:
                     log.info("first step done")  # bench/ times start-up by this line
-                batch_sums = torch.stack((recon.sum(), kl.sum())).detach()
-                pos.window += batch_sums
-                pos.epoch_sums += batch_sums
+                pos.window += torch.stack((recon.sum(), kl.sum())).detach()
                 pos.window_images += len(idx)
                 bar.update()
-                if pos.step % cfg.log_every_n_steps == 0:
+                if pos.step % log_every == 0:
                     flush()
                 if STOP.requested:
                     save()  # mid-epoch: a resumed run continues with the next batch
