@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, env_for, only_run, run_cli
 from vaeexp import checkpoint
@@ -202,3 +203,23 @@ def test_task_returns_final_test_loss(store, tmp_path):
     value = task(cfg)
     _, _, run = only_run(store)
     assert isinstance(value, float) and value == pytest.approx(run.data.metrics["test/loss"])
+
+
+def test_multirun_sweep_makes_one_finished_run_per_job(tmp_path):
+    env = env_for(tmp_path)
+    result = run_cli(
+        "-m",
+        "latent_dim=2,3",
+        *TINY,
+        "epochs=1",
+        "tracking.log_model=false",
+        "eval.iwae_images=0",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
+    assert sorted(r.info.run_name.split(",")[0] for r in runs) == ["latent_dim=2", "latent_dim=3"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    folders = {Path(r.data.tags["output_dir"]) for r in runs}
+    assert len(folders) == 2 and all("multirun" in str(f) for f in folders)

@@ -15,6 +15,7 @@ def test_run_name_keeps_what_changes_training():
         "hydra.run.dir=/x",
         "device=cpu",
         "resume=/a/b",
+        "eval.iwae_k=5",
     ]
     assert run_name(overrides) == "latent_dim=8,foo=1,data=kmnist"
     assert run_name([]) == "defaults"

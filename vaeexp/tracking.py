@@ -37,6 +37,7 @@ FLUSH_SECONDS = 15.0
 NOT_IN_NAME = (
     "hydra.",
     "tracking.",
+    "eval.",
     "paths.",
     "progress",
     "resume",
