@@ -205,11 +205,12 @@ def test_task_returns_final_test_loss(store, tmp_path):
     assert isinstance(value, float) and value == pytest.approx(run.data.metrics["test/loss"])
 
 
-def test_multirun_sweep_makes_one_finished_run_per_job(tmp_path):
+def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path):
     env = env_for(tmp_path)
     result = run_cli(
         "-m",
         "latent_dim=2,3",
+        "intermediate_dim=16,32",
         *TINY,
         "epochs=1",
         "tracking.log_model=false",
@@ -219,7 +220,26 @@ def test_multirun_sweep_makes_one_finished_run_per_job(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
-    assert sorted(r.info.run_name.split(",")[0] for r in runs) == ["latent_dim=2", "latent_dim=3"]
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.run_name.startswith("sweep latent_dim=2,3 intermediate_dim=16,32")
+    assert parent.data.params["sweep.overrides"].startswith("latent_dim=2,3 intermediate_dim=16,32")
+    assert sorted(",".join(r.info.run_name.split(",")[:2]) for r in children) == [
+        "latent_dim=2,intermediate_dim=16",
+        "latent_dim=2,intermediate_dim=32",
+        "latent_dim=3,intermediate_dim=16",
+        "latent_dim=3,intermediate_dim=32",
+    ]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert {r.data.tags["sweep"] for r in runs} == {parent.data.tags["sweep"]}  # one sweep tag
     assert all(r.info.status == "FINISHED" for r in runs)
-    folders = {Path(r.data.tags["output_dir"]) for r in runs}
-    assert len(folders) == 2 and all("multirun" in str(f) for f in folders)
+    best = min(children, key=lambda r: r.data.metrics["test/loss"])
+    assert parent.data.tags["best_child_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_test_loss"] == best.data.metrics["test/loss"]
+    folders = {Path(r.data.tags["output_dir"]) for r in children}
+    assert len(folders) == 4 and {f.parent for f in folders} == {Path(parent.data.tags["sweep"])}
+
+
+def test_single_run_has_no_parent(finished):
+    _, _, _, run, _ = finished
+    assert "mlflow.parentRunId" not in run.data.tags and "sweep" not in run.data.tags

@@ -94,6 +94,7 @@ class TrackingConfig:
     # Only used when the experiment is created on a local store; a server picks its own.
     artifact_location: str | None = "${paths.runs}/mlartifacts"
     run_name: str | None = None
+    parent_run_id: str | None = "${vaeexp.sweep_parent:}"  # a sweep's parent run; see sweep.py
     log_model: bool = True
     log_images: bool = True
 
@@ -147,8 +148,15 @@ def register() -> None:
         "vaeexp.runs_dir": lambda: str(runs_dir()),
         "vaeexp.tracking_uri": default_tracking_uri,
         "vaeexp.data_root": default_data_root,
+        "vaeexp.sweep_parent": _sweep_parent,
     }.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+def _sweep_parent() -> str | None:
+    from vaeexp.sweep import parent_run_id
+
+    return parent_run_id()
 
 
 # (key, test, what is allowed) for the checks a type cannot express.

@@ -92,9 +92,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         return experiment.experiment_id
 
 
-def run_name(overrides: list[str]) -> str:
+def run_name(overrides: list[str], sep: str = ",") -> str:
     kept = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(NOT_IN_NAME)]
-    return ",".join(kept) or "defaults"
+    return sep.join(kept) or "defaults"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -253,6 +253,11 @@ def tracked_run(
         "data.binarize": cfg.data.binarize.value,  # likelihoods compare only within one choice
         **git_state(),
     }
+    if cfg.tracking.parent_run_id:
+        from vaeexp.sweep import sweep_folder
+
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        tags["sweep"] = str(sweep_folder() or "")
     params = flatten(
         {
             k: v
