@@ -83,3 +83,17 @@ def test_tracking_uri_defaults_to_project_store_and_env_overrides(monkeypatch, t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert make_cfg().tracking.uri == "http://127.0.0.1:5999"
     assert make_cfg("tracking.uri=sqlite:////x.db").tracking.uri == "sqlite:////x.db"
+
+
+def test_dry_run_validates_every_job_of_a_sweep_without_training(store):
+    ok = run_cli("-m", "latent_dim=2,8", "batch_size=50,100", "dry_run=true", env=store)
+    assert ok.returncode == 0, ok.stderr
+    listed = [line for line in ok.stdout.splitlines() if line.startswith("vaeexp: dry run")]
+    assert len(listed) == 4 and "job 3 is valid: latent_dim=8 batch_size=100" in listed[3]
+    bad = run_cli("-m", "latent_dim=2,0", "dry_run=true", env=store)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "vaeexp: error: latent_dim=0 is not allowed: must be an integer >= 1"
+    )
+    assert not (Path(store["VAEEXP_RUNS"]) / "mlflow.db").exists()  # no run, no data, no training
+    assert not Path(store["VAEEXP_DATA"]).exists()

@@ -41,6 +41,11 @@ def task(cfg: DictConfig) -> float:
 
 def _train(cfg: DictConfig) -> float:
     validate(cfg)  # before any data is loaded or any MLflow run is created
+    if cfg.dry_run:
+        hc = HydraConfig.get()
+        job = f"job {hc.job.num}" if hc.mode.name == "MULTIRUN" else "run"
+        print(f"vaeexp: dry run: {job} is valid: {' '.join(hc.overrides.task) or '(defaults)'}")
+        return float("nan")
     import torch
 
     from vaeexp import checkpoint

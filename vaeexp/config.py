@@ -135,6 +135,7 @@ class Config:
     progress: bool = True
     checkpoint: bool = True
     resume: str | None = None
+    dry_run: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -40,6 +40,8 @@ def parent_run_id() -> str | None:
 
 class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.dry_run:
+            return
         from mlflow.tracking import MlflowClient
 
         from vaeexp.tracking import _artifact_location, check_reachable, ensure_experiment, run_name
