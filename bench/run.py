@@ -79,20 +79,25 @@ def plain_loss(recon, x, mu, logvar):
     return (bce + kld) / len(x)
 
 
-def bare_epoch(train_x: torch.Tensor) -> float:
-    """An in-memory loop: shuffled index slices of one tensor."""
+def plain_epoch(batches) -> float:
+    """One epoch of the plain model over `batches` (images as rows of 784): the references'
+    shared training step, timed from the first batch drawn to the last step taken."""
     torch.manual_seed(0)
     model = PlainVAE()
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
     start = time.perf_counter()
-    for idx in torch.randperm(len(train_x)).split(100):
-        x = train_x[idx]
+    for x in batches:
         recon, mu, logvar = model(x)
         loss = plain_loss(recon, x, mu, logvar)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return time.perf_counter() - start
+
+
+def bare_epoch(train_x: torch.Tensor) -> float:
+    """An in-memory loop: shuffled index slices of one tensor."""
+    return plain_epoch(train_x[idx] for idx in torch.randperm(len(train_x)).split(100))
 
 
 class TorchvisionStyleDataset(torch.utils.data.Dataset):
@@ -120,19 +125,8 @@ class LeanItemDataset(TorchvisionStyleDataset):
 
 
 def dataloader_epoch(train_x: torch.Tensor, dataset_class=TorchvisionStyleDataset) -> float:
-    torch.manual_seed(0)
-    model = PlainVAE()
-    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
     loader = torch.utils.data.DataLoader(dataset_class(train_x), batch_size=100, shuffle=True)
-    start = time.perf_counter()
-    for x, _ in loader:
-        x = x.view(-1, 784)
-        recon, mu, logvar = model(x)
-        loss = plain_loss(recon, x, mu, logvar)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - start
+    return plain_epoch(x.view(-1, 784) for x, _ in loader)
 
 
 # ---- vaeexp itself ---------------------------------------------------------------------------

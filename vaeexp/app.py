@@ -159,7 +159,7 @@ def main() -> None:
     try:
         task()
     except KeyboardInterrupt:
-        print("vaeexp: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        print("vaeexp: interrupted; an MLflow run it had started is marked KILLED", file=sys.stderr)
         sys.exit(130)
     except _user_errors() as e:
         if os.environ.get("VAEEXP_TRACEBACK") == "1":

@@ -44,13 +44,13 @@ class SweepRun(Callback):
             return
         from mlflow.tracking import MlflowClient
 
-        from vaeexp.tracking import _artifact_location, check_reachable, ensure_experiment, run_name
+        from vaeexp.tracking import artifact_location, check_reachable, ensure_experiment, run_name
 
         uri = config.tracking.uri
         check_reachable(uri)
         client = MlflowClient(uri)
         experiment = ensure_experiment(
-            client, config.tracking.experiment, _artifact_location(config.tracking)
+            client, config.tracking.experiment, artifact_location(config.tracking)
         )
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)

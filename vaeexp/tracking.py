@@ -7,6 +7,7 @@ metrics are buffered and sent with `log_batch` at the end of each epoch (or ever
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import time
@@ -244,7 +245,7 @@ def tracked_run(
     mlflow.set_tracking_uri(cfg.tracking.uri)
     client = MlflowClient(cfg.tracking.uri)
     experiment_id = ensure_experiment(
-        client, cfg.tracking.experiment, _artifact_location(cfg.tracking)
+        client, cfg.tracking.experiment, artifact_location(cfg.tracking)
     )
     tags = {
         "hydra_overrides": " ".join(overrides) or "(none)",
@@ -313,6 +314,9 @@ def tracked_run(
         name = RunStatus.to_string(status)
         if not outbox.call("ending the run", mlflow.end_run, name):
             outbox.status = name
+            if mlflow.active_run() is not None:  # still ours locally: a next job must start clean
+                with contextlib.suppress(Exception):  # end_run forgets it before calling out
+                    mlflow.end_run(name)
         undelivered = outbox.pending()
         if undelivered:
             manifest = outbox.write_manifest()
@@ -327,7 +331,7 @@ def tracked_run(
             log.error(message)
 
 
-def _artifact_location(tracking: DictConfig) -> str | None:
+def artifact_location(tracking: DictConfig) -> str | None:
     """A local store gets an absolute artifact folder: MLflow's default is relative to the cwd."""
     if tracking.artifact_location is None or not tracking.uri.startswith(("sqlite:", "file:", "/")):
         return None

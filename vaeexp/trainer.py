@@ -1,8 +1,9 @@
 """The training loop, readable top to bottom.
 
 Data stays on the device as one tensor; a batch is an index slice of a seeded permutation. Losses
-are summed on the device and read back only every `log_every_n_steps`, so the host never waits
-on a step. Tracking lives behind `Hooks`, so this module knows nothing about MLflow.
+are summed on the device and read back every `log_every_n_steps`; only on CPU, where it costs no
+synchronisation, is each step's loss also checked for NaN/Inf. Tracking lives behind `Hooks`, so
+this module knows nothing about MLflow.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from vaeexp.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
-TERMS = ("loss", "recon", "kl")
 ARCHITECTURE = ("latent_dim", "intermediate_dim")
 EVAL_SEED = 2024  # test-set noise has its own generator: evaluating never moves training's RNG
 
