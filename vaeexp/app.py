@@ -50,6 +50,7 @@ def _train(cfg: DictConfig) -> float:
 
     from vaeexp import checkpoint
     from vaeexp.data import load_data
+    from vaeexp.film import filming
     from vaeexp.resume import resolve as resolve_resume
     from vaeexp.tracking import check_reachable, tracked_run
     from vaeexp.trainer import pick_device, train
@@ -78,15 +79,17 @@ def _train(cfg: DictConfig) -> float:
         list(hc.overrides.task),
         resume_run_id=resume and resume.get("mlflow_run_id"),
     ) as run:
-        result = train(
-            cfg,
-            data,
-            device=device,
-            hooks=run.hooks,
-            checkpoint_path=ckpt_path,
-            resume=resume,
-            extra_state={"mlflow_run_id": run.run_id},
-        )
+        with filming(cfg, data, run.hooks, output_dir / "film", device) as film:
+            result = train(
+                cfg,
+                data,
+                device=device,
+                hooks=run.hooks,
+                film=film,
+                checkpoint_path=ckpt_path,
+                resume=resume,
+                extra_state={"mlflow_run_id": run.run_id},
+            )
         run.finish(result, data.test_x, final_metrics(cfg, result.model, data), ckpt_path)
     return float(result.metrics["test/loss"])
 

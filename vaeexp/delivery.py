@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,18 +41,25 @@ def fail_fast_over_http() -> None:
 
 
 class Outbox:
+    """Thread-safe: the film's worker thread logs through the same outbox as training."""
+
     def __init__(self, client: MlflowClient, run_id: str, uri: str, folder: Path):
         self.client, self.run_id, self.uri, self.folder = client, run_id, uri, folder
         self.metrics: list[Metric] = []
         self.images: list[dict[str, Any]] = []  # key, step, path of a PNG kept on disk
-        self.artifacts: list[str] = []  # local files for the run's artifact root
+        self.artifacts: list[list[str | None]] = []  # [local file, artifact folder or None]
         self.models = False  # the exported models still to be logged
         self.status: str | None = None  # the final status still to be set
         self.offline_until = 0.0
         self.failures = 0
+        self.lock = threading.RLock()
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
         """Run one MLflow call; False (and nothing raised) if the store is unavailable."""
+        with self.lock:
+            return self._call(what, fn, *args, **kwargs)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
         if time.monotonic() < self.offline_until:
             return False
         try:
@@ -73,24 +81,35 @@ class Outbox:
             return False
 
     def metrics_out(self, metrics: list[Metric]) -> None:
-        self.metrics += metrics
-        self.retry()
+        with self.lock:
+            self.metrics += metrics
+            self.retry()
 
-    def image_out(self, image: np.ndarray, key: str, step: int) -> None:
-        if not self.call(
-            "logging an image", self.client.log_image, self.run_id, image, key=key, step=step
-        ):
-            path = self.folder / "undelivered" / f"{key}+step+{step}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
-            self.images.append({"key": key, "step": step, "path": str(path)})
+    def image_out(self, image: np.ndarray | Image.Image, key: str, step: int) -> None:
+        with self.lock:
+            if not self.call(
+                "logging an image", self.client.log_image, self.run_id, image, key=key, step=step
+            ):
+                path = self.folder / "undelivered" / f"{key.replace('/', '~')}+step+{step}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
+                self.images.append({"key": key, "step": step, "path": str(path)})
 
-    def artifact_out(self, path: Path) -> None:
-        if not self.call("logging an artifact", self.client.log_artifact, self.run_id, str(path)):
-            self.artifacts.append(str(path))
+    def artifact_out(self, path: Path, artifact_path: str | None = None) -> None:
+        with self.lock:
+            if not self._send_artifact(str(path), artifact_path):
+                self.artifacts.append([str(path), artifact_path])
+
+    def _send_artifact(self, path: str, artifact_path: str | None) -> bool:
+        log_artifact = self.client.log_artifact
+        return self.call("logging an artifact", log_artifact, self.run_id, path, artifact_path)
 
     def retry(self) -> bool:
         """Send what is kept, oldest first; True when nothing is left."""
+        with self.lock:
+            return self._retry()
+
+    def _retry(self) -> bool:
         while self.metrics:
             if not self.call(
                 "logging metrics", self.client.log_batch, self.run_id, metrics=self.metrics[:1000]
@@ -98,7 +117,8 @@ class Outbox:
                 return False
             del self.metrics[:1000]
         for image in list(self.images):
-            pixels = np.asarray(Image.open(image["path"]))
+            with Image.open(image["path"]) as kept:
+                pixels = kept.copy()  # a palette image stays one, with its colours
             if not self.call(
                 "logging an image",
                 self.client.log_image,
@@ -109,10 +129,10 @@ class Outbox:
             ):
                 return False
             self.images.remove(image)
-        for path in list(self.artifacts):
-            if not self.call("logging an artifact", self.client.log_artifact, self.run_id, path):
+        for entry in list(self.artifacts):
+            if not self._send_artifact(*entry):
                 return False
-            self.artifacts.remove(path)
+            self.artifacts.remove(entry)
         return True
 
     def pending(self) -> str:
@@ -150,6 +170,7 @@ class Outbox:
         uri = uri or data["tracking_uri"]
         box = cls(MlflowClient(uri), data["run_id"], uri, folder)
         box.metrics = [Metric(k, v, ts, step) for k, v, ts, step in data["metrics"]]
-        box.images, box.artifacts = data["images"], data["artifacts"]
+        box.images = data["images"]
+        box.artifacts = [[a, None] if isinstance(a, str) else a for a in data["artifacts"]]
         box.models, box.status = data["models"], data["status"]
         return box

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ import torch
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from vaeexp import images
 from vaeexp.config import PROJECT_ROOT
@@ -134,6 +136,7 @@ class MlflowHooks:
     ):
         self.outbox, self.cfg = outbox, cfg
         self.pending: list[Metric] = []
+        self.lock = threading.Lock()  # the film logs from its own thread
         # After a hard kill, a resumed run retrains steps it may already have logged:
         # points at or before these were delivered and are not sent twice.
         self.logged_step, self.logged_epoch = 0, 0
@@ -167,17 +170,22 @@ class MlflowHooks:
         self._add(metrics, step)
         self.flush()
 
-    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+    def log_image(self, image: np.ndarray | Image.Image, key: str, step: int) -> None:
         self.outbox.image_out(image, key, step)
 
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.outbox.artifact_out(path, artifact_path)
+
     def flush(self) -> None:
-        self.outbox.metrics_out(self.pending)
-        self.pending = []
-        self.last_flush = time.monotonic()
+        with self.lock:
+            pending, self.pending = self.pending, []
+            self.last_flush = time.monotonic()
+        self.outbox.metrics_out(pending)
 
     def _add(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        with self.lock:
+            self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
 
 
 class TrackedRun:

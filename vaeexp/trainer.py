@@ -69,6 +69,16 @@ class StopFlag:
 STOP = StopFlag()
 
 
+class Film(Protocol):
+    """The latent film (vaeexp.film): copies what it needs at a frame's step and returns."""
+
+    def due(self, step: int) -> bool: ...
+    def capture(
+        self, step: int, epoch: int, model: VAE, recon: torch.Tensor, kl: torch.Tensor
+    ) -> None: ...
+    def on_epoch_end(self, epoch: int, step: int, model: VAE) -> None: ...
+
+
 class Hooks(Protocol):
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_epoch_end(
@@ -138,6 +148,7 @@ def train(
     *,
     device: torch.device,
     hooks: Hooks | None = None,
+    film: Film | None = None,
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
     extra_state: dict[str, Any] | None = None,
@@ -184,6 +195,8 @@ def train(
 
     model.train()
     first_step = pos.step + 1
+    if film is not None and pos.step == 0:
+        film.capture(0, 0, model, None, None)  # the untrained latent space
     with STOP.armed(), logging_redirect_tqdm():
         while pos.epoch < cfg.epochs:
             started = time.perf_counter()
@@ -213,6 +226,8 @@ def train(
                 pos.batch += 1
                 if pos.step == first_step:
                     log.info("first step done")  # bench/ times start-up by this line
+                if film is not None and film.due(pos.step):
+                    film.capture(pos.step, pos.epoch + 1, model, recon.detach(), kl.detach())
                 pos.window += torch.stack((recon.sum(), kl.sum())).detach()
                 pos.window_images += len(idx)
                 bar.update()
@@ -246,6 +261,8 @@ def train(
             save()
             if hooks:
                 hooks.on_epoch_end(pos.epoch, pos.step, metrics, model)
+            if film is not None:
+                film.on_epoch_end(pos.epoch, pos.step, model)
             STOP.check()
     bar.close()
     return Result(model=model, epoch=pos.epoch, step=pos.step, metrics=metrics)

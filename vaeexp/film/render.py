@@ -1,0 +1,247 @@
+"""Frames drawn straight into a palette image: one matplotlib template, then numpy per frame.
+
+The reference opens a new matplotlib figure per frame (~0.5 s, never closed). Here matplotlib
+draws the axes, ticks and legend once; each frame copies that template, stamps every point as a
+small disc with numpy, and writes its title with Pillow, in about a millisecond. Frames are
+palette ("P") images sharing one palette, so the GIF needs no per-frame quantisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = (640, 480)  # the reference's matplotlib default figure, 6.4 x 4.8 in at 100 dpi
+TITLE_HEIGHT = 30
+GREYS = 16  # palette entries for anti-aliased title text
+# matplotlib's tab10: ten colours told apart at a glance, the classes 0-9
+TAB10 = np.array(
+    [
+        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+        (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    ],
+    np.uint8,
+)  # fmt: skip
+# a 4-pixel-wide round dot, the size of matplotlib's default scatter marker at this scale
+DISC = [(dx, dy) for dx in range(-1, 3) for dy in range(-1, 3) if abs(dx - 0.5) + abs(dy - 0.5) < 3]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Latent means (n, d) to the plane. d = 2: as is; d = 1: value against class (jittered);
+    d > 2: one PCA basis for the whole film, so frames do not jitter."""
+
+    kind: str  # identity | value_by_class | pca
+    mean: np.ndarray | None = None
+    basis: np.ndarray | None = None  # (d, 2)
+    explained: tuple[float, float] = (0.0, 0.0)
+
+    @classmethod
+    def fit(cls, last_frame: np.ndarray) -> Projection:
+        d = last_frame.shape[1]
+        if d == 1:
+            return cls("value_by_class")
+        if d == 2:
+            return cls("identity")
+        x = last_frame.astype(np.float64)
+        mean = x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        var = s**2 / max((s**2).sum(), 1e-300)
+        return cls("pca", mean, vt[:2].T, (float(var[0]), float(var[1])))
+
+    def __call__(self, means: np.ndarray, labels: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+        means = means.astype(np.float32)
+        if self.kind == "identity":
+            return means
+        if self.kind == "value_by_class":
+            return np.stack((means[:, 0], labels + jitter), axis=1)
+        return ((means - self.mean) @ self.basis).astype(np.float32)
+
+    def axis_labels(self) -> tuple[str, str]:
+        if self.kind == "identity":
+            return "z[0]", "z[1]"
+        if self.kind == "value_by_class":
+            return "z", ""
+        return f"PC1 ({self.explained[0]:.0%} of variance)", f"PC2 ({self.explained[1]:.0%})"
+
+
+class Canvas:
+    """Renders frames of one film: fixed axes, palette, legend."""
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        xlim: tuple[float, float],
+        ylim: tuple[float, float],
+        axis_labels: tuple[str, str],
+        by_class: bool = False,
+    ):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+
+        w, h = SIZE
+        fig = Figure(figsize=(w / 100, h / 100), dpi=100, facecolor="white")
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.12, 0.1, 0.64, 0.83))
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
+        if by_class:
+            ax.set_yticks(range(len(class_names)), class_names)
+        handles = [
+            Line2D([], [], ls="", marker="o", ms=7, color=TAB10[i % 10] / 255, label=name)
+            for i, name in enumerate(class_names)
+        ]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.77, 0.52), frameon=False)
+        fig.canvas.draw()
+        rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+        # Data -> pixel (row 0 at the top), and the plot area's pixel box.
+        (x0, y0), (x1, y1) = ax.transData.transform([(xlim[0], ylim[0]), (xlim[1], ylim[1])])
+        self.ax_scale = np.array(
+            [(x1 - x0) / (xlim[1] - xlim[0]), -(y1 - y0) / (ylim[1] - ylim[0])]
+        )
+        self.ax_offset = np.array(
+            [x0 - xlim[0] * self.ax_scale[0], h - y0 - ylim[0] * self.ax_scale[1]]
+        )
+        bbox = ax.get_window_extent()
+        self.box = (
+            int(np.ceil(bbox.x0)) + 1,
+            int(bbox.x1) - 1,
+            h - int(bbox.y1) + 1,
+            h - int(np.ceil(bbox.y0)) - 1,
+        )
+
+        # Palette: 10 class colours, GREYS greys for text, then the template's own colours.
+        template = Image.fromarray(np.ascontiguousarray(rgb)).quantize(
+            colors=256 - 10 - GREYS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        )
+        greys = np.repeat(np.linspace(0, 255, GREYS).round().astype(np.uint8)[:, None], 3, axis=1)
+        own = np.array(template.getpalette()[: 3 * (256 - 10 - GREYS)], np.uint8).reshape(-1, 3)
+        self.palette = np.concatenate((TAB10, greys, own)).tobytes().ljust(768, b"\0")
+        self.template = (np.asarray(template, np.uint8) + 10 + GREYS).astype(np.uint8)
+        self.n_classes = len(class_names)
+        self.font = _font()
+        self.grey_of = (np.arange(256) * (GREYS - 1) / 255).round().astype(np.uint8) + 10
+        self.disc = np.array(DISC)
+
+    def render(self, xy: np.ndarray, colour: np.ndarray, title: str) -> Image.Image:
+        """Points (n, 2) in data units, drawn in the given order; colour: class index per point."""
+        h, w = self.template.shape
+        frame = self.template.copy()
+        px = np.rint(xy * self.ax_scale + self.ax_offset).astype(np.int32)
+        left, right, top, bottom = self.box
+        inside = (
+            (px[:, 0] >= left + 2) & (px[:, 0] <= right - 2)
+            & (px[:, 1] >= top + 2) & (px[:, 1] <= bottom - 2)
+        )  # fmt: skip
+        px, c = px[inside], (colour[inside] % 10).astype(np.uint8)
+        flat = px[:, 1] * w + px[:, 0]
+        offsets = self.disc[:, 1] * w + self.disc[:, 0]
+        # point-major order: a later point covers an earlier one completely
+        frame.reshape(-1)[(flat[:, None] + offsets).reshape(-1)] = np.repeat(c, len(offsets))
+        outside = len(xy) - int(inside.sum())
+        if outside:
+            title += f"  ({outside} off the axes)"
+        self._title(frame, title)
+        image = Image.frombuffer("P", (w, h), frame, "raw", "P", 0, 1)
+        image.putpalette(self.palette)
+        return image
+
+    def _title(self, frame: np.ndarray, text: str) -> None:
+        strip = Image.new("L", (frame.shape[1], TITLE_HEIGHT), 255)
+        ImageDraw.Draw(strip).text((10, 7), text, fill=0, font=self.font)
+        ink = np.asarray(strip)
+        mask = ink < 250
+        frame[:TITLE_HEIGHT][mask] = self.grey_of[ink[mask]]
+
+
+@cache
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 14)
+    except (OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def title_strip(image: np.ndarray, text: str) -> np.ndarray:
+    """A grey uint8 image with a white strip on top carrying `text` (the decoder film's frames)."""
+    strip = Image.new("L", (image.shape[1], TITLE_HEIGHT), 255)
+    ImageDraw.Draw(strip).text((6, 7), text, fill=0, font=_font())
+    return np.concatenate((np.asarray(strip), image))
+
+
+def grey_palette() -> bytes:
+    return np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1).tobytes()
+
+
+def jitter_for(n: int) -> np.ndarray:
+    """Fixed vertical jitter for the 1-d film (value against class), the same every frame."""
+    return np.random.default_rng(1).uniform(-0.35, 0.35, n).astype(np.float32)
+
+
+def fit_limits(
+    frames: Sequence[np.ndarray] | np.ndarray,
+    projection: Projection,
+    labels: np.ndarray,
+    limits: str,
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The axes of the whole film: -L..L, or `auto`: what holds 99% of the points of every frame,
+    with a margin (a few stray points do not shrink the film to a dot)."""
+    by_class = projection.kind == "value_by_class"
+    y_class = (-0.6, int(labels.max()) + 0.6) if by_class else None
+    if limits != "auto":
+        half = float(limits)
+        return (-half, half), y_class or (-half, half)
+    jitter = jitter_for(len(labels))
+    lo, hi = np.full(2, np.inf), np.full(2, -np.inf)
+    for means in frames:
+        xy = projection(np.asarray(means), labels, jitter)
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        if len(xy):
+            lo = np.minimum(lo, np.percentile(xy, 0.5, axis=0))
+            hi = np.maximum(hi, np.percentile(xy, 99.5, axis=0))
+    if not np.isfinite(lo).all():
+        lo, hi = np.full(2, -1.0), np.full(2, 1.0)
+    pad = np.maximum((hi - lo) * 0.05, 1e-3)
+    x, y = (
+        (float(lo[0] - pad[0]), float(hi[0] + pad[0])),
+        (float(lo[1] - pad[1]), float(hi[1] + pad[1])),
+    )
+    return x, y_class or y
+
+
+def canvas_for(
+    projection: Projection,
+    limits: tuple[tuple[float, float], tuple[float, float]],
+    class_names: Sequence[str],
+) -> Canvas:
+    by_class = projection.kind == "value_by_class"
+    return Canvas(class_names, *limits, projection.axis_labels(), by_class=by_class)
+
+
+def draw_film(
+    means: Sequence[np.ndarray] | np.ndarray,
+    labels: np.ndarray,
+    titles: Sequence[str],
+    class_names: Sequence[str],
+    limits: str,
+) -> tuple[Canvas, Iterator[Image.Image]]:
+    """Every frame of a film whose frames are all known: one PCA basis fitted on the last frame
+    and one set of axes for the whole film. Frames are drawn lazily, one at a time."""
+    projection = Projection.fit(np.asarray(means[-1], np.float32))
+    canvas = canvas_for(projection, fit_limits(means, projection, labels, limits), class_names)
+    jitter = jitter_for(len(labels))
+
+    def frames() -> Iterator[Image.Image]:
+        for m, text in zip(means, titles, strict=True):
+            yield canvas.render(projection(np.asarray(m, np.float32), labels, jitter), labels, text)
+
+    return canvas, frames()
