@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import env_for, only_run, run_cli
+from tests.conftest import env_for, free_port, mlflow_server, only_run, run_cli
 from vaeexp import checkpoint
 
 # Slow enough to interrupt mid-epoch (450 steps an epoch), small enough to finish in seconds.
@@ -104,16 +104,16 @@ def test_sigkill_keeps_last_checkpoint_and_resume_by_run_id(tmp_path):
     client, _, run = only_run(env)
     assert run.info.status == "RUNNING"  # nobody could tell MLflow
     state = checkpoint.load(run.data.tags["output_dir"])  # intact: written atomically
-    assert state["epoch"] >= 2
+    assert state["epoch"] >= 1  # epoch 2's may or may not be written yet: either way...
 
     resumed = run_cli(*ARGS, "epochs=6", f"resume={run.info.run_id}", env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _, _, again = only_run(env)
     assert again.info.status == "FINISHED"
     epochs = [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")]
-    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert epochs == [1, 2, 3, 4, 5, 6]  # ...no epoch is missing
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
-    assert steps == sorted(set(steps))  # nothing logged twice
+    assert steps == sorted(set(steps))  # and nothing is logged twice
 
 
 def test_truncated_or_foreign_checkpoint_is_one_clear_line(tmp_path):
@@ -209,55 +209,14 @@ def test_full_disk_for_checkpoints_fails_clearly_and_keeps_the_last(tmp_path, fu
     assert run.info.status == "FAILED" and "CheckpointError" in run.data.tags["failure_reason"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real tracking server on 127.0.0.1 with its own SQLite store and artifact folder."""
-    import urllib.request
-
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("mlflow server did not come up")
-
-
 def test_tracking_server_going_away_does_not_stop_training(tmp_path):
     from mlflow.tracking import MlflowClient
 
     server_root = tmp_path / "server"
     server_root.mkdir()
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _mlflow_server(server_root, port)
+    server = mlflow_server(server_root, port)
     env = env_for(tmp_path)
     proc = _start(
         env,
@@ -280,7 +239,7 @@ def test_tracking_server_going_away_does_not_stop_training(tmp_path):
     assert checkpoint.load(folder)["epoch"] == 4
     assert list((folder / "undelivered").glob("*.png"))  # images kept on disk
 
-    server = _mlflow_server(server_root, port)  # back, with the same store
+    server = mlflow_server(server_root, port)  # back, with the same store
     try:
         result = run_cli(str(folder), module="vaeexp.sync", env=env)
         assert result.returncode == 0, result.stderr[-3000:]

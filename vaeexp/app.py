@@ -26,12 +26,23 @@ from vaeexp.config import PROJECT_ROOT, ConfigError, explain, register, validate
 register()
 log = logging.getLogger(__name__)
 
+DIVERGED_PENALTY = 1e4  # nats: worse than any real run (an untrained model scores ~550)
+
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def task(cfg: DictConfig) -> float:
     """Train one configuration; returns the final test loss, which sweepers minimise."""
+    from vaeexp.trainer import Diverged
+
     try:
         return _train(cfg)
+    except Diverged as e:
+        if not _multirun(HydraConfig.get()):
+            _exit_with(e)
+        # A sweep goes on: this job's run is FAILED and tagged `diverged`; a sweeper gets a finite
+        # value (the Optuna plugin we can install crashes the whole study on NaN).
+        log.error("vaeexp: %s; this job scores %.0f, the sweep goes on", e, DIVERGED_PENALTY)
+        return DIVERGED_PENALTY
     except _user_errors() as e:
         if os.environ.get("VAEEXP_TRACEBACK") == "1":
             raise
@@ -55,8 +66,9 @@ def _train(cfg: DictConfig) -> float:
     from vaeexp.tracking import check_reachable, tracked_run
     from vaeexp.trainer import pick_device, train
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = job_threads(cfg.threads, HydraConfig.get())
+    if threads:
+        torch.set_num_threads(threads)
     device = pick_device(cfg.device.value)
     check_reachable(cfg.tracking.uri)  # seconds, not minutes of retries, before any work
     resume = None
@@ -92,6 +104,29 @@ def _train(cfg: DictConfig) -> float:
             )
         run.finish(result, data.test_x, final_metrics(cfg, result.model, data), ckpt_path)
     return float(result.metrics["test/loss"])
+
+
+def job_threads(threads: int, hc: Any) -> int:
+    """torch threads for this job: `threads` if set; else, under a launcher that runs jobs side by
+    side, this job's share of the cores (threads x parallel jobs <= cores: two 2-thread jobs on 2
+    cores run 20x slower, not 2x); else 0, torch's default (one per core)."""
+    if threads:
+        return threads
+    launcher = hc.launcher if _multirun(hc) else {}
+    target = str(launcher.get("_target_", ""))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if target.endswith("JoblibLauncher"):
+        n_jobs = int(launcher.get("n_jobs") or -1)
+        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's rule
+        return max(1, cores // parallel)
+    if "submitit" in target:  # each job's own allocation; submitit_local starts all at once
+        return int(launcher.get("cpus_per_task") or 1)
+    return 0
+
+
+def _multirun(hc: Any) -> bool:
+    return getattr(hc.mode, "name", None) == "MULTIRUN"
 
 
 def final_metrics(cfg: DictConfig, model: Any, data: Any) -> dict[str, float]:

@@ -84,4 +84,15 @@ class SweepRun(Callback):
             client.log_metric(parent, "best_test_loss", best.data.metrics["test/loss"])
         failed = len(children) - len(finished)
         client.set_tag(parent, "children", f"{len(children)} ({failed} not finished)")
+        if children:
+            from vaeexp.compare import report
+
+            try:  # Hydra would turn an exception here into a warning: say it plainly instead
+                out = Path(config.hydra.sweep.dir) / "report"
+                report(client, out, parent=parent)
+                log.info(
+                    "sweep report: %s (logged to the parent run's report/)", out / "report.html"
+                )
+            except Exception as e:
+                log.error("the sweep's comparison report failed: %s: %s", type(e).__name__, e)
         client.set_terminated(parent, "FINISHED" if children and not failed else "FAILED")

@@ -30,7 +30,7 @@ from vaeexp.config import PROJECT_ROOT
 from vaeexp.data import Dataset
 from vaeexp.delivery import DeliveryIncomplete, Outbox, fail_fast_over_http
 from vaeexp.model import VAE
-from vaeexp.trainer import Result
+from vaeexp.trainer import Diverged, Result
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ def tracked_run(
         "data.n_train": str(len(data.train_x)),
         "data.n_test": str(len(data.test_x)),
         "device.resolved": str(device),
+        "threads.resolved": str(torch.get_num_threads()),
     }
 
     resumed = bool(resume_run_id) and _exists(client, resume_run_id)
@@ -319,6 +320,8 @@ def tracked_run(
             hooks.flush()  # keep what was measured before a failure
         if failure:
             outbox.call("tagging the failure", client.set_tag, run_id, "failure_reason", failure)
+            if failure.startswith(Diverged.__name__):
+                outbox.call("tagging the divergence", client.set_tag, run_id, "diverged", "true")
         name = RunStatus.to_string(status)
         if not outbox.call("ending the run", mlflow.end_run, name):
             outbox.status = name

@@ -258,11 +258,14 @@ def train(
                 test["kl"],
                 seconds,
             )
-            save()
+            # Metrics out before the checkpoint: after a hard kill in between, the resumed run
+            # retrains this epoch and its hooks skip what was already delivered. The other way
+            # round, the epoch's metrics would be lost.
             if hooks:
                 hooks.on_epoch_end(pos.epoch, pos.step, metrics, model)
             if film is not None:
                 film.on_epoch_end(pos.epoch, pos.step, model)
+            save()
             STOP.check()
     bar.close()
     return Result(model=model, epoch=pos.epoch, step=pos.step, metrics=metrics)

@@ -48,6 +48,10 @@ class Projection:
         if d == 2:
             return cls("identity")
         x = last_frame.astype(np.float64)
+        x = x[np.isfinite(x).all(axis=1)]  # a diverged model's inf/NaN rows fit nothing
+        if len(x) < 3:
+            basis = np.eye(d, 2)
+            return cls("pca", np.zeros(d), basis, (float("nan"), float("nan")))
         mean = x.mean(axis=0)
         _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
         var = s**2 / max((s**2).sum(), 1e-300)
@@ -66,6 +70,8 @@ class Projection:
             return "z[0]", "z[1]"
         if self.kind == "value_by_class":
             return "z", ""
+        if not np.isfinite(self.explained[0]):  # nothing finite to fit: the first two axes
+            return "z[0]", "z[1]"
         return f"PC1 ({self.explained[0]:.0%} of variance)", f"PC2 ({self.explained[1]:.0%})"
 
 
@@ -134,7 +140,8 @@ class Canvas:
         """Points (n, 2) in data units, drawn in the given order; colour: class index per point."""
         h, w = self.template.shape
         frame = self.template.copy()
-        px = np.rint(xy * self.ax_scale + self.ax_offset).astype(np.int32)
+        xy = np.where(np.isfinite(xy), xy, 1e9)  # a diverged model's inf/NaN: off the axes
+        px = np.rint(np.clip(xy * self.ax_scale + self.ax_offset, -1e6, 1e6)).astype(np.int32)
         left, right, top, bottom = self.box
         inside = (
             (px[:, 0] >= left + 2) & (px[:, 0] <= right - 2)
@@ -236,7 +243,9 @@ def draw_film(
 ) -> tuple[Canvas, Iterator[Image.Image]]:
     """Every frame of a film whose frames are all known: one PCA basis fitted on the last frame
     and one set of axes for the whole film. Frames are drawn lazily, one at a time."""
-    projection = Projection.fit(np.asarray(means[-1], np.float32))
+    # the last frame, or the last one that is all finite (a run that diverged at the end)
+    good = [i for i in range(len(means)) if np.isfinite(np.asarray(means[i])).all()]
+    projection = Projection.fit(np.asarray(means[good[-1] if good else -1], np.float32))
     canvas = canvas_for(projection, fit_limits(means, projection, labels, limits), class_names)
     jitter = jitter_for(len(labels))
 

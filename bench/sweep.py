@@ -1,0 +1,54 @@
+"""Sweep speed: `python bench/sweep.py` runs the same 4-job sweep serially (Hydra's basic
+launcher, each job on torch's default threads) and with `hydra/launcher=joblib` (jobs side by
+side, threads split automatically), interleaved `--reps` times, and prints both wall times and
+the ratio. Goal: joblib at least 1.6x faster on 2 cores. Writes its section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from common import FASHION, median, timed_cli, write_section
+
+# 4 short configs: reference model, 2 epochs on a 20,000-image slice of Fashion-MNIST
+SWEEP = ["-m", "latent_dim=2,4,8,16", "data=fashion_mnist", "data.train_limit=20000"]
+SWEEP += ["epochs=2", "progress=false"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        sys.exit("bench: needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+    walls: dict[str, list[float]] = {"serial": [], "joblib": []}
+    for rep in range(args.reps):
+        for name, extra in (("serial", []), ("joblib", ["hydra/launcher=joblib"])):
+            tmp = Path(tempfile.mkdtemp(prefix=f"vaeexp-bench-sweep-{name}-"))
+            env = {"VAEEXP_RUNS": str(tmp), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+            wall, _, _ = timed_cli([*SWEEP, *extra], env)
+            walls[name].append(wall)
+            print(f"  rep {rep + 1} {name}: {wall:.1f} s", flush=True)
+    serial, joblib = median(walls["serial"]), median(walls["joblib"])
+    runs = ", ".join(f"{a / b:.2f}x" for a, b in zip(walls["serial"], walls["joblib"], strict=True))
+    rows = [
+        ("4-job sweep, serial (basic launcher): wall (s)", f"{serial:.1f}", " ".join(SWEEP)),
+        (
+            "4-job sweep, hydra/launcher=joblib: wall (s)",
+            f"{joblib:.1f}",
+            "threads split automatically",
+        ),
+        ("speed-up joblib vs serial", f"{serial / joblib:.2f}x", f"goal >= 1.6x; runs: {runs}"),
+    ]
+    for row in rows:
+        print(f"{row[0]:<52} {row[1]:>8}  {row[2]}")
+    if not args.no_write:
+        write_section("sweep", "python bench/sweep.py", args.reps, rows)
+
+
+if __name__ == "__main__":
+    main()
