@@ -316,7 +316,7 @@ class FilmRecorder:
         return self.latent_out
 
     def _send_metrics(self) -> None:
-        pending, self.metrics = self.metrics, {}  # a swap: the encode stage may add meanwhile
+        pending, self.metrics = self.metrics, {}
         for step, values in sorted(pending.items()):
             self.sink.log_metrics(values, step)
         self.metrics_sent = time.monotonic()
