@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import FASHION, machine, median, write_section
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -36,8 +35,6 @@ from vaeexp.data import load_data
 from vaeexp.tracking import tracked_run
 from vaeexp.trainer import train
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-RESULTS = Path(__file__).with_name("RESULTS.md")
 # Measured with bench/keras_reference.py (Keras 3.x, JAX backend) on the same data; see RESULTS.md.
 KERAS_TEST_LOSS = {2: 275.72, 10: 269.74, 50: 263.43}
 
@@ -210,25 +207,6 @@ def reference_run(runs: Path) -> tuple[float, dict[int, float]]:
 # ---- the table -------------------------------------------------------------------------------
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 50-epoch and 10-epoch runs")
@@ -331,31 +309,8 @@ def main() -> None:
             )
 
     if not args.no_write:
-        write_results(rows, args)
-
-
-def write_results(rows, args) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    table = "\n".join(
-        [
-            "| measurement | value | note |",
-            "| --- | --- | --- |",
-            *(f"| {a} | {b} | {c} |" for a, b, c in rows),
-        ]
-    )
-    block = (
-        f"<!-- bench:start -->\nLast run: {datetime.now():%Y-%m-%d %H:%M}, "
-        f"`python bench/run.py{' --quick' if args.quick else ''}`, on {machine()}; "
-        f"medians of {args.reps} interleaved repetitions.\n\n{table}\n<!-- bench:end -->"
-    )
-    if "<!-- bench:start -->" in text:
-        text = re.sub(
-            r"<!-- bench:start -->.*<!-- bench:end -->", lambda _: block, text, flags=re.S
-        )
-    else:
-        text += "\n" + block + "\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+        command = f"python bench/run.py{' --quick' if args.quick else ''}"
+        write_section("bench", command, args.reps, rows)
 
 
 if __name__ == "__main__":
