@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
 from vaeexp.config import default_tracking_uri, runs_dir
-from vaeexp.film.render import _font
+from vaeexp.film.render import font as text_font
 from vaeexp.sweep import PARENT_FILE
 from vaeexp.tracking import NOT_IN_NAME
 
@@ -250,7 +250,7 @@ def contact_sheet(rows: list[Row], keys: list[str], out: Path) -> Path:
     w, h = CELL
     sheet = Image.new("RGB", (cols * w, -(-len(rows) // cols) * (h + caption)), "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font()
+    font = text_font()
     for i, row in enumerate(rows):
         x, y = (i % cols) * w, (i // cols) * (h + caption)
         label = ", ".join(f"{k}={row.values[k]}" for k in keys) or row.name

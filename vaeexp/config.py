@@ -185,7 +185,8 @@ def _sweep_parent() -> str | None:
     return parent_run_id()
 
 
-def _limits_ok(value: str) -> bool:
+def limits_ok(value: str) -> bool:
+    """film.limits (and `python -m vaeexp.film --limits`): auto, or a half-width L > 0."""
     if value == "auto":
         return True
     try:
@@ -217,7 +218,7 @@ _RULES: list[tuple[str, object, str]] = [
     ("film.every_step_until", lambda v: v is None or v >= 0, "null (every step) or an int >= 0"),
     ("film.every_n_steps", lambda v: v >= 1, "an integer >= 1"),
     ("film.until_epoch", lambda v: v >= 0, "an integer >= 0"),
-    ("film.limits", _limits_ok, "auto or a number L > 0 (axes from -L to L)"),
+    ("film.limits", limits_ok, "auto or a number L > 0 (axes from -L to L)"),
     ("film.fps", lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
     ("film.stride", lambda v: v >= 1, "an integer >= 1"),
     ("film.knn_k", lambda v: v >= 1, "an integer >= 1"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from vaeexp.config import _limits_ok, default_tracking_uri
+from vaeexp.config import default_tracking_uri, limits_ok
 from vaeexp.film.frames import Frames, title
 from vaeexp.film.gif import writer
 from vaeexp.film.render import draw_film
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 1 <= args.fps <= 100 or args.stride < 1:
         parser.error("--fps must be from 1 to 100 and --stride >= 1")
-    if args.limits is not None and not _limits_ok(args.limits):
+    if args.limits is not None and not limits_ok(args.limits):
         parser.error(f"--limits={args.limits}: must be auto or a number L > 0")
     if args.out is not None and args.out.suffix not in (".gif", ".mp4"):
         parser.error(f"--out={args.out}: must end in .gif or .mp4")

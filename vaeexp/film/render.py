@@ -132,7 +132,7 @@ class Canvas:
         self.palette = np.concatenate((TAB10, greys, own)).tobytes().ljust(768, b"\0")
         self.template = (np.asarray(template, np.uint8) + 10 + GREYS).astype(np.uint8)
         self.n_classes = len(class_names)
-        self.font = _font()
+        self.font = font()
         self.grey_of = (np.arange(256) * (GREYS - 1) / 255).round().astype(np.uint8) + 10
         self.disc = np.array(DISC)
 
@@ -169,7 +169,7 @@ class Canvas:
 
 
 @cache
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         from matplotlib import font_manager
 
@@ -181,7 +181,7 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def title_strip(image: np.ndarray, text: str) -> np.ndarray:
     """A grey uint8 image with a white strip on top carrying `text` (the decoder film's frames)."""
     strip = Image.new("L", (image.shape[1], TITLE_HEIGHT), 255)
-    ImageDraw.Draw(strip).text((6, 7), text, fill=0, font=_font())
+    ImageDraw.Draw(strip).text((6, 7), text, fill=0, font=font())
     return np.concatenate((np.asarray(strip), image))
 
 
