@@ -30,10 +30,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
+from vaeexp.app import steady_memory
 from vaeexp.config import PROJECT_ROOT, register
 from vaeexp.data import load_data
 from vaeexp.tracking import tracked_run
-from vaeexp.trainer import train
+from vaeexp.trainer import cpu_settings, train
 
 # Measured with bench/keras_reference.py (Keras 3.x, JAX backend) on the same data; see RESULTS.md.
 KERAS_TEST_LOSS = {2: 275.72, 10: 269.74, 50: 263.43}
@@ -172,6 +173,24 @@ def startup(runs: Path) -> tuple[float, float]:
     return first, wall
 
 
+def late_epoch_seconds(runs: Path, flush_denormal: bool) -> float:
+    """Median time of epochs 8-10 of a 10-epoch reference run (a whole process, as a user runs
+    it), when subnormal floats have appeared."""
+    store = f"sqlite:///{runs / 'mlflow.db'}"
+    env = {**os.environ, "VAEEXP_RUNS": str(runs), "MLFLOW_TRACKING_URI": store}
+    overrides = ["experiment=reference", "data=fashion_mnist", "epochs=10", "film=off"]
+    overrides += ["eval.iwae_images=0", "tracking.log_model=false", "progress=false"]
+    overrides += [f"flush_denormal={str(flush_denormal).lower()}"]
+    subprocess.run(
+        [sys.executable, "-m", "vaeexp", *overrides], env=env, check=True, capture_output=True
+    )
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("vaeexp").experiment_id
+    run = client.search_runs([experiment], order_by=["attributes.start_time DESC"])[0]
+    history = client.get_metric_history(run.info.run_id, "epoch_seconds")
+    return median(m.value for m in history if m.step >= 8)
+
+
 def reference_run(runs: Path) -> tuple[float, dict[int, float]]:
     """Peak RSS (MB) of a full 50-epoch reference run, and its test loss at epochs 2, 10, 50."""
     store = f"sqlite:///{runs / 'mlflow.db'}"
@@ -215,6 +234,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (FASHION / "train-images-idx3-ubyte.gz").exists():
         sys.exit("bench: needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+    steady_memory()  # what `python -m vaeexp` does, before torch's first op
+    cpu_settings(flush_denormal=True)
     tmp = Path(tempfile.mkdtemp(prefix="vaeexp-bench-"))
     store = f"sqlite:///{tmp / 'mlflow.db'}"
     data = load_data(cfg_for().data)
@@ -299,6 +320,15 @@ def main() -> None:
                 f"{losses[name] - losses['fp32']:+.2f}",
                 note,
             )
+        late = {True: [], False: []}
+        for _ in range(args.reps):
+            for flush in (True, False):
+                late[flush].append(late_epoch_seconds(tmp / "late", flush))
+        row(
+            "5. flush_denormal=false: epochs 8-10 vs default",
+            f"{median(late[False]) / median(late[True]):.3f}",
+            f"{median(late[False]):.2f} s vs {median(late[True]):.2f} s per epoch",
+        )
         peak, parity = reference_run(tmp / "reference")
         row("4. peak RSS, full 50-epoch reference run (MB)", f"{peak:.0f}", "goal < 1024")
         for epoch, value in parity.items():

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vaeexp.likelihood import iwae_log_likelihood, iwae_nll
+from vaeexp.likelihood import iwae_log_likelihood, iwae_nll, log_px_z
 from vaeexp.model import VAE, loss_terms
 
 
@@ -35,14 +35,17 @@ def _model_and_exact_marginal():
 
 def test_iwae_converges_to_the_exact_marginal_from_below():
     model, x, exact = _model_and_exact_marginal()
-    gaps = {
-        k: (iwae_log_likelihood(model, x, k, generator=torch.Generator().manual_seed(0)) - exact)
-        .mean()
-        .item()
-        for k in (1, 10, 1000, 10_000)
-    }
-    assert gaps[1] < gaps[10] < 0  # a lower bound that tightens with k
-    assert abs(gaps[1000]) < 0.1 and abs(gaps[10_000]) < 0.1
+
+    def gap(k: int) -> float:  # averaged over seeds: one seed's estimate is noisy to ~0.1 nats
+        bounds = [
+            iwae_log_likelihood(model, x, k, generator=torch.Generator().manual_seed(s)) - exact
+            for s in range(4)
+        ]
+        return torch.stack(bounds).mean().item()
+
+    gaps = {k: gap(k) for k in (1, 10, 1000, 10_000)}
+    assert gaps[1] < gaps[10] < gaps[1000] < 0  # a lower bound that tightens with k
+    assert abs(gaps[1000]) < 0.15 and abs(gaps[10_000]) < 0.1
     assert gaps[1] < -0.3  # and the ELBO is clearly looser
 
 
@@ -63,3 +66,17 @@ def test_nll_is_deterministic_for_a_seed():
     x = torch.rand(10, 784)
     assert iwae_nll(model, x, 50) == iwae_nll(model, x, 50)
     assert iwae_nll(model, x, 50, seed=1) != iwae_nll(model, x, 50)
+
+
+def test_log_px_z_is_minus_bce_summed_over_pixels():
+    torch.manual_seed(0)
+    model = VAE(latent_dim=3, intermediate_dim=64).double()
+    with torch.no_grad():
+        model.decoder_out.weight.mul_(200)  # logits far past softplus's linear threshold too
+    x = torch.cat([torch.rand(4, 784), torch.rand(4, 784).round()]).double()
+    z = torch.randn(5, 8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model.decode_logits(z)
+        bce = F.binary_cross_entropy_with_logits(logits, x.expand(5, -1, -1), reduction="none")
+        assert logits.abs().max() > 100
+        torch.testing.assert_close(log_px_z(model, z, x), -bce.sum(-1), rtol=1e-9, atol=1e-5)

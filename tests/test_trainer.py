@@ -129,3 +129,27 @@ def test_grad_clip_bounds_the_update(data):
     )
     free = train(_cfg("epochs=1", "optimizer=adam", "lr=1e-2"), data, device=CPU)
     assert clipped.metrics["test/loss"] != free.metrics["test/loss"]
+
+
+_FLUSH_PROBE = """
+import sys, threading, torch
+from vaeexp.trainer import cpu_settings
+cpu_settings(sys.argv[1] == "on", threads=2)
+x = torch.full((1 << 20,), 1e-39)  # subnormal; large enough for torch to use its OpenMP threads
+kept = lambda y: int((y.view(torch.int32) != 0).sum())  # bit patterns: immune to the mode itself
+seen = {"main": kept(x[:8] * 1), "openmp": kept(x * 1)}
+t = threading.Thread(target=lambda: seen.update(thread=kept(x[:8] * 1)))  # as the film's worker
+t.start(); t.join()
+print(torch.get_num_threads(), seen["main"], seen["openmp"], seen["thread"])
+"""
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_cpu_settings_flush_subnormals_in_every_thread_or_none(mode):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FLUSH_PROBE, mode], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == (["2", "0", "0", "0"] if mode == "on" else ["2", "8", str(1 << 20), "8"])

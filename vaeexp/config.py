@@ -151,6 +151,7 @@ class Config:
     seed: int = 0
     device: Device = Device.auto
     threads: int = 0
+    flush_denormal: bool = True
     grad_clip: float | None = None
     compile: bool = False
     precision: Precision = Precision.fp32

@@ -19,6 +19,7 @@ from vaeexp.config import Config, default_tracking_uri, register
 from vaeexp.data import load_data
 from vaeexp.likelihood import iwae_nll
 from vaeexp.model import VAE
+from vaeexp.trainer import cpu_settings
 
 
 def evaluate_run(client: MlflowClient, run_id: str, k: int, images: int | None) -> float:
@@ -40,6 +41,7 @@ def evaluate_run(client: MlflowClient, run_id: str, k: int, images: int | None) 
         state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
     cfg.data.name = run.data.params.get("data.resolved", cfg.data.name)  # e.g. the fallback
     cfg.data.download = False
+    cpu_settings(cfg.flush_denormal)  # before the first parallel op
     data = load_data(cfg.data, progress=False)
     model = VAE(cfg.latent_dim, cfg.intermediate_dim)
     model.load_state_dict(state["model"])

@@ -111,6 +111,15 @@ class Result:
     metrics: dict[str, float]  # the last epoch's train/* and test/* values
 
 
+def cpu_settings(flush_denormal: bool, threads: int = 0) -> None:
+    """Call before torch's first op: its OpenMP threads, and the film's worker, copy this
+    thread's floating-point mode when they start. Subnormal floats (saturated pixels make them
+    late in training) each cost the CPU a microcode assist: flushed, epoch 6 is 1.3x faster."""
+    torch.set_flush_denormal(flush_denormal)  # returns False where unsupported: nothing to do
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
