@@ -57,9 +57,10 @@ def log_px_z(
     model: VAE, z: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Bernoulli log-likelihood sum_i x_i l_i - softplus(l_i) of images x (b, 784) under codes
-    z (k, b, d), with logits l = W h + c: the same number as -BCE-with-logits summed over pixels,
-    at a third of its cost. The x.l term is a 256-wide product per sample, h.(W^T x) + c.x,
-    instead of a 784-wide one, and softplus is one fused pass where BCE makes several. `buffer`
+    z (k, b, d), with logits l = W h + c: the same number as -BCE-with-logits summed over pixels.
+    The x.l term is a 256-wide product per sample, h.(W^T x) + c.x, instead of a 784-wide one,
+    and softplus is one fused pass where BCE makes several: measured at one thread, ~1.5 s
+    against 5.7 s per million samples, beside the 2.5 s of the logits' matrix product. `buffer`
     (k * b, 784), if given, holds the logits.
     """
     out = model.decoder_out
