@@ -3,6 +3,7 @@ their peak memory, and the RESULTS.md section each script rewrites between its m
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -17,6 +18,19 @@ import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def bench_args(doc: str, *, quick: bool = False) -> argparse.Namespace:
+    """The options every benchmark takes; exits at once if the data it trains on is missing."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if quick:
+        parser.add_argument("--quick", action="store_true", help="skip the 50- and 10-epoch runs")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        sys.exit("bench: needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+    return args
 
 
 def median(xs: list[float]) -> float:

@@ -12,7 +12,6 @@ Each vaeexp pair is run interleaved, `--reps` times; medians. Needs the Debian p
 
 from __future__ import annotations
 
-import argparse
 import re
 import resource
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import FASHION, median, timed_cli, write_section
+from common import bench_args, median, timed_cli, write_section
 
 ONE_EPOCH = ["experiment=reference", "data=fashion_mnist", "progress=false", "epochs=1"]
 ONE_EPOCH += ["eval.iwae_images=0", "tracking.log_model=false"]
@@ -66,12 +65,7 @@ def reference_callback(frames: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        sys.exit("bench: needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+    args = bench_args(__doc__)
     rows: list[tuple[str, str, str]] = []
 
     def row(what: str, value: str, note: str = "") -> None:

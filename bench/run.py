@@ -11,7 +11,6 @@ not comparable between runs. Needs the full Fashion-MNIST from the Debian packag
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import FASHION, machine, median, write_section
+from common import bench_args, machine, median, write_section
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -227,13 +226,7 @@ def reference_run(runs: Path) -> tuple[float, dict[int, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="skip the 50-epoch and 10-epoch runs")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        sys.exit("bench: needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+    args = bench_args(__doc__, quick=True)
     steady_memory()  # what `python -m vaeexp` does, before torch's first op
     cpu_settings(flush_denormal=True)
     tmp = Path(tempfile.mkdtemp(prefix="vaeexp-bench-"))

@@ -10,12 +10,10 @@ jobs side by side run on one thread each, so at best they finish in half that sw
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-from common import FASHION, median, timed_cli, write_section
+from common import bench_args, median, timed_cli, write_section
 
 # 4 short configs: reference model, 2 epochs on a 20,000-image slice of Fashion-MNIST
 SWEEP = ["-m", "latent_dim=2,4,8,16", "data=fashion_mnist", "data.train_limit=20000"]
@@ -23,12 +21,7 @@ SWEEP += ["epochs=2", "progress=false"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        sys.exit("bench: needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+    args = bench_args(__doc__)
     walls: dict[str, list[float]] = {"serial": [], "joblib": [], "serial-1": []}
     variants = (("serial", []), ("joblib", ["hydra/launcher=joblib"]), ("serial-1", ["threads=1"]))
     for rep in range(args.reps):
