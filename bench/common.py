@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -20,9 +21,14 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def bench_args(doc: str, *, quick: bool = False) -> argparse.Namespace:
-    """The options every benchmark takes; exits at once if the data it trains on is missing."""
+def bench_args(
+    doc: str, *, quick: bool = False, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    """The options every benchmark takes, plus those `extra` adds; exits at once if the data it
+    trains on is missing."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra:
+        extra(parser)
     if quick:
         parser.add_argument("--quick", action="store_true", help="skip the 50- and 10-epoch runs")
     parser.add_argument("--reps", type=int, default=3)

@@ -30,6 +30,13 @@ class Optimizer(Enum):
     adam = "adam"
 
 
+class ObjectiveScale(Enum):
+    """The scale of the loss the optimiser sees; metrics are in nats per image either way."""
+
+    per_pixel = "per_pixel"  # the reference (Keras): BCE averaged over the pixels + KL / 784
+    per_image = "per_image"  # nats per image: BCE summed over pixels + KL (784x the above)
+
+
 class Device(Enum):
     auto = "auto"
     cpu = "cpu"
@@ -147,6 +154,7 @@ class Config:
     lr: float = 1e-3
     rho: float = 0.9
     eps: float = 1e-7
+    objective_scale: ObjectiveScale = ObjectiveScale.per_pixel
     init: Init = Init.glorot
     seed: int = 0
     device: Device = Device.auto

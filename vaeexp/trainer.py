@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +23,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaeexp import checkpoint
-from vaeexp.config import Binarize
+from vaeexp.config import Binarize, ObjectiveScale
 from vaeexp.data import Dataset
-from vaeexp.model import VAE, loss_terms
+from vaeexp.model import IMAGE_DIM, VAE, loss_terms
 from vaeexp.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,72 @@ def evaluate(model: VAE, x: torch.Tensor, epsilon_std: float, batch_size: int) -
     return {"loss": recon + kl, "recon": recon, "kl": kl, "neg_elbo": sum(elbo_terms)}
 
 
+def setup(cfg: DictConfig, device: torch.device) -> tuple[VAE, torch.optim.Optimizer]:
+    """The seeded model and its optimizer, as a run starts."""
+    torch.manual_seed(cfg.seed)
+    model = VAE(cfg.latent_dim, cfg.intermediate_dim, cfg.init.value).to(device)
+    optimizer = make_optimizer(cfg.optimizer.value, model.parameters(), cfg.lr, cfg.rho, cfg.eps)
+    return model, optimizer
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one optimisation step needs from the config, read once: an OmegaConf attribute read
+    costs microseconds, and the step runs hundreds of thousands of times."""
+
+    epsilon_std: float
+    weight: float  # multiplies the batch's mean nats per image to give the optimised objective
+    grad_clip: float | None
+    bf16: bool
+    check_finite: bool  # read the loss back every step: free on CPU, a sync elsewhere
+    loss_terms: Callable[..., tuple[torch.Tensor, torch.Tensor]] = loss_terms
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, check_finite: bool = True) -> StepSettings:
+        return cls(
+            epsilon_std=cfg.epsilon_std,
+            weight=objective_weight(cfg.objective_scale),
+            grad_clip=cfg.grad_clip,
+            bf16=cfg.precision.value == "bf16",
+            check_finite=check_finite,
+            loss_terms=torch.compile(loss_terms) if cfg.compile else loss_terms,
+        )
+
+
+def objective_weight(scale: ObjectiveScale) -> float:
+    """per_pixel is the reference's Keras loss, binary_crossentropy (a mean over the 784 pixels)
+    plus mean(KL) / 784: the negative ELBO in nats per image / 784. RMSprop's eps sits inside
+    the square root, so the two scales take different steps (bench/RESULTS.md, "Parity")."""
+    return 1 / IMAGE_DIM if scale == ObjectiveScale.per_pixel else 1.0
+
+
+def train_step(
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    settings: StepSettings,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on batch `x` with reparameterisation noise `noise` ~ N(0, 1);
+    returns the per-image (recon, kl) in nats, before the step."""
+    if settings.bf16:
+        with torch.autocast(x.device.type, torch.bfloat16):
+            recon, kl = settings.loss_terms(model, x, settings.epsilon_std, noise=noise)
+        recon, kl = recon.float(), kl.float()
+    else:
+        recon, kl = settings.loss_terms(model, x, settings.epsilon_std, noise=noise)
+    loss = (recon + kl).mean() * settings.weight
+    if settings.check_finite and not math.isfinite(loss.item()):
+        _check_finite(step, recon.sum().item(), kl.sum().item())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if settings.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    return recon, kl
+
+
 def train(
     cfg: DictConfig,
     data: Dataset,
@@ -162,21 +228,17 @@ def train(
     resume: dict[str, Any] | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> Result:
-    torch.manual_seed(cfg.seed)
-    model = VAE(cfg.latent_dim, cfg.intermediate_dim, cfg.init.value).to(device)
-    optimizer = make_optimizer(cfg.optimizer.value, model.parameters(), cfg.lr, cfg.rho, cfg.eps)
+    model, optimizer = setup(cfg, device)
     pos, metrics = Position.start(device), {}
     if resume is not None:
         pos, metrics = _restore(resume, cfg, model, optimizer, device)
 
-    objective = torch.compile(loss_terms) if cfg.compile else loss_terms
-    bf16 = cfg.precision.value == "bf16"
+    settings = StepSettings.from_config(cfg, check_finite=device.type == "cpu")
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     dynamic = cfg.data.binarize == Binarize.dynamic
     n, batch_size = len(train_x), cfg.batch_size
-    check_each_step = device.type == "cpu"  # free on CPU; elsewhere it would sync every step
     # Plain locals: an OmegaConf attribute read costs microseconds, read every step it adds up.
-    epsilon_std, latent_dim, grad_clip = cfg.epsilon_std, cfg.latent_dim, cfg.grad_clip
+    latent_dim = cfg.latent_dim
     log_every = cfg.log_every_n_steps
     bar = tqdm(
         total=cfg.epochs * math.ceil(n / batch_size),
@@ -216,21 +278,7 @@ def train(
                 if dynamic:
                     x = torch.bernoulli(x)
                 noise = torch.randn(len(x), latent_dim, device=device)
-                if bf16:
-                    with torch.autocast(device.type, torch.bfloat16):
-                        recon, kl = objective(model, x, epsilon_std, noise=noise)
-                    recon, kl = recon.float(), kl.float()
-                else:
-                    recon, kl = objective(model, x, epsilon_std, noise=noise)
-                loss = (recon + kl).mean()
-                if check_each_step and not math.isfinite(loss.item()):
-                    _check_finite(pos.step + 1, recon.sum().item(), kl.sum().item())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-
+                recon, kl = train_step(model, optimizer, x, noise, settings, pos.step + 1)
                 pos.step += 1
                 pos.batch += 1
                 if pos.step == first_step:
