@@ -23,7 +23,7 @@ import torch
 from common import bench_args, median, timed_cli, write_section
 
 ONE_EPOCH = ["experiment=reference", "data=fashion_mnist", "progress=false", "epochs=1"]
-ONE_EPOCH += ["eval.iwae_images=0", "tracking.log_model=false"]
+ONE_EPOCH += ["iwae.images=0", "tracking.log_model=false"]
 FILM_LINE = re.compile(
     r"film: (\d+) frames; per frame ([\d.]+) ms capture \(in the loop\), and in the worker "
     r"([\d.]+) ms diagnostics, ([\d.]+) ms render, ([\d.]+) ms log"

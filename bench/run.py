@@ -30,18 +30,17 @@ from PIL import Image
 from torch import nn
 
 from vaeexp.app import steady_memory
-from vaeexp.config import PROJECT_ROOT, register
+from vaeexp.config import register, settings
 from vaeexp.data import load_data
-from vaeexp.tracking import tracked_run
+from vaeexp.paths import CONF_DIR
+from vaeexp.resumable import Checkpoints
+from vaeexp.tracking.run import tracked_run
 from vaeexp.trainer import cpu_settings, train
-
-# Measured with bench/keras_reference.py (Keras 3.x, JAX backend) on the same data; see RESULTS.md.
-KERAS_TEST_LOSS = {2: 275.72, 10: 269.74, 50: 263.43}
 
 
 def cfg_for(*overrides: str):
     register()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
             "config",
             overrides=["experiment=reference", "data=fashion_mnist", "progress=false", *overrides],
@@ -131,8 +130,8 @@ def dataloader_epoch(train_x: torch.Tensor, dataset_class=TorchvisionStyleDatase
 
 def vaeexp_train(data, store: str, *overrides: str) -> tuple[float, dict]:
     """Wall time of the trainer (MLflow on, as a user runs it) and its last-epoch metrics."""
-    cfg = cfg_for(
-        f"tracking.uri={store}", "tracking.log_model=false", "eval.iwae_images=0", *overrides
+    cfg = settings(
+        cfg_for(f"tracking.uri={store}", "tracking.log_model=false", "iwae.images=0", *overrides)
     )
     out = Path(tempfile.mkdtemp(prefix="vaeexp-bench-"))
     with tracked_run(cfg, data, torch.device("cpu"), out, list(overrides)) as run:
@@ -140,9 +139,9 @@ def vaeexp_train(data, store: str, *overrides: str) -> tuple[float, dict]:
         result = train(
             cfg,
             data,
-            device=torch.device("cpu"),
+            torch.device("cpu"),
             hooks=run.hooks,
-            checkpoint_path=out / "checkpoint.pt",
+            checkpoints=Checkpoints(out / "checkpoint.pt"),
         )
         seconds = time.perf_counter() - start
     return seconds, result.metrics
@@ -178,7 +177,7 @@ def late_epoch_seconds(runs: Path, flush_denormal: bool) -> float:
     store = f"sqlite:///{runs / 'mlflow.db'}"
     env = {**os.environ, "VAEEXP_RUNS": str(runs), "MLFLOW_TRACKING_URI": store}
     overrides = ["experiment=reference", "data=fashion_mnist", "epochs=10", "film=off"]
-    overrides += ["eval.iwae_images=0", "tracking.log_model=false", "progress=false"]
+    overrides += ["iwae.images=0", "tracking.log_model=false", "progress=false"]
     overrides += [f"flush_denormal={str(flush_denormal).lower()}"]
     subprocess.run(
         [sys.executable, "-m", "vaeexp", *overrides], env=env, check=True, capture_output=True
@@ -190,8 +189,8 @@ def late_epoch_seconds(runs: Path, flush_denormal: bool) -> float:
     return median(m.value for m in history if m.step >= 8)
 
 
-def reference_run(runs: Path) -> tuple[float, dict[int, float]]:
-    """Peak RSS (MB) of a full 50-epoch reference run, and its test loss at epochs 2, 10, 50."""
+def reference_run(runs: Path) -> float:
+    """Peak RSS (MB) of a full 50-epoch reference run (its losses: bench/parity.py)."""
     store = f"sqlite:///{runs / 'mlflow.db'}"
     env = {**os.environ, "VAEEXP_RUNS": str(runs), "MLFLOW_TRACKING_URI": store}
     probe = (
@@ -215,11 +214,7 @@ def reference_run(runs: Path) -> tuple[float, dict[int, float]]:
         text=True,
         check=True,
     ).stdout
-    peak_mb = int(out.strip().splitlines()[-1]) / 1024
-    client = MlflowClient(store)
-    run = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])[0]
-    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test/loss")}
-    return peak_mb, {e: history[e] for e in KERAS_TEST_LOSS}
+    return int(out.strip().splitlines()[-1]) / 1024
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -322,14 +317,8 @@ def main() -> None:
             f"{median(late[False]) / median(late[True]):.3f}",
             f"{median(late[False]):.2f} s vs {median(late[True]):.2f} s per epoch",
         )
-        peak, parity = reference_run(tmp / "reference")
+        peak = reference_run(tmp / "reference")
         row("4. peak RSS, full 50-epoch reference run (MB)", f"{peak:.0f}", "goal < 1024")
-        for epoch, value in parity.items():
-            row(
-                f"parity: test loss after {epoch} epochs, vaeexp vs Keras",
-                f"{value:.2f}",
-                f"Keras {KERAS_TEST_LOSS[epoch]:.2f} ({value - KERAS_TEST_LOSS[epoch]:+.2f})",
-            )
 
     if not args.no_write:
         command = f"python bench/run.py{' --quick' if args.quick else ''}"

@@ -18,9 +18,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from vaeexp.config import PROJECT_ROOT, register
+from vaeexp.config import register
 from vaeexp.data import write_idx
 from vaeexp.data.datasets import FILES
+from vaeexp.paths import CONF_DIR
 
 register()
 
@@ -30,7 +31,7 @@ TINY = ["data=mnist_bundled", "data.train_limit=400", "data.test_limit=100", "pr
 
 def make_cfg(*overrides: str) -> DictConfig:
     """The config exactly as `python -m vaeexp <overrides>` composes it."""
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

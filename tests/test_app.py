@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, env_for, only_run, run_cli
 from vaeexp import checkpoint
-from vaeexp.config import PROJECT_ROOT
 from vaeexp.model import VAE
+from vaeexp.paths import CONF_DIR, PROJECT_ROOT
 
 ARGS = [*TINY, "epochs=2", "intermediate_dim=64", "batch_size=50", "log_every_n_steps=3"]
 
@@ -193,7 +193,7 @@ def test_task_returns_final_test_loss(store, tmp_path):
     from vaeexp.app import task
 
     overrides = [*ARGS, "epochs=1", "tracking.log_model=false", "tracking.log_images=false"]
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         full = compose("config", overrides=overrides, return_hydra_config=True)
     with open_dict(full):
         full.hydra.runtime.output_dir = str(tmp_path)
@@ -214,7 +214,7 @@ def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path):
         *TINY,
         "epochs=1",
         "tracking.log_model=false",
-        "eval.iwae_images=0",
+        "iwae.images=0",
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import TINY, env_for, run_cli
 
 QUICK = [*TINY, "intermediate_dim=16", "batch_size=50", "tracking.log_model=false"]
-QUICK += ["eval.iwae_images=0", "epochs=2"]
+QUICK += ["iwae.images=0", "epochs=2"]
 
 
 @pytest.fixture(scope="module")

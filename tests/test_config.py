@@ -77,7 +77,7 @@ def test_reference_experiment_pins_keras_values():
 def test_tracking_uri_defaults_to_project_store_and_env_overrides(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("VAEEXP_RUNS", raising=False)
-    from vaeexp.config import PROJECT_ROOT
+    from vaeexp.paths import PROJECT_ROOT
 
     assert make_cfg().tracking.uri == f"sqlite:///{PROJECT_ROOT / 'runs' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")

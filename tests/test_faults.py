@@ -28,8 +28,8 @@ ARGS = [
     "progress=false",
     "tracking.log_model=false",
     "tracking.log_images=false",
-    "eval.iwae_k=10",
-    "eval.iwae_images=20",
+    "iwae.k=10",
+    "iwae.images=20",
 ]
 COMPARED = (
     "train/loss_step",

@@ -24,7 +24,7 @@ from vaeexp.film.schedule import Schedule
 
 # 400 images / 50 = 8 steps an epoch
 QUICK = [*TINY, "intermediate_dim=64", "batch_size=50", "tracking.log_model=false"]
-QUICK += ["eval.iwae_images=0"]
+QUICK += ["iwae.images=0"]
 
 
 def image_steps(client, run_id: str, key: str) -> list[int]:

@@ -12,7 +12,7 @@ from tests.conftest import TINY, env_for, free_port, mlflow_server, run_cli
 
 # 400 images / 50 = 8 steps an epoch
 QUICK = [*TINY, "intermediate_dim=16", "batch_size=50", "tracking.log_model=false"]
-QUICK += ["eval.iwae_images=0"]
+QUICK += ["iwae.images=0"]
 
 
 def sweep_runs(uri: str, experiment: str = "vaeexp"):

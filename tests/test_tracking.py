@@ -2,7 +2,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mlflow.tracking import MlflowClient
 
-from vaeexp.tracking import EXPERIMENT_KIND, ensure_experiment, flatten, run_name
+from vaeexp.tracking.naming import run_name
+from vaeexp.tracking.record import flatten
+from vaeexp.tracking.store import EXPERIMENT_KIND, ensure_experiment
 
 
 def test_run_name_keeps_what_changes_training():
@@ -15,7 +17,7 @@ def test_run_name_keeps_what_changes_training():
         "hydra.run.dir=/x",
         "device=cpu",
         "resume=/a/b",
-        "eval.iwae_k=5",
+        "iwae.k=5",
     ]
     assert run_name(overrides) == "latent_dim=8,foo=1,data=kmnist"
     assert run_name([]) == "defaults"

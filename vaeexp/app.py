@@ -21,18 +21,22 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from vaeexp.config import PROJECT_ROOT, ConfigError, explain, register, validate
+from vaeexp.config import register, settings
+from vaeexp.paths import CONF_DIR
+from vaeexp.stop import StopFlag
+from vaeexp.validate import ConfigError, explain, validate
 
 register()
 log = logging.getLogger(__name__)
 
-DIVERGED_PENALTY = 1e4  # nats: worse than any real run (an untrained model scores ~550)
+DIVERGED_PENALTY = 1e4  # nats: worse than any run that trained, an untrained one included
+STOP = StopFlag()  # requested by the signal handler, checked by the training loop
 
 
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def task(cfg: DictConfig) -> float:
     """Train one configuration; returns the final test loss, which sweepers minimise."""
-    from vaeexp.trainer import Diverged
+    from vaeexp.step import Diverged
 
     steady_memory()  # again here: joblib's and submitit's workers never run main()
     try:
@@ -62,52 +66,57 @@ def _train(cfg: DictConfig) -> float:
     from vaeexp import checkpoint
     from vaeexp.data import load_data
     from vaeexp.film import filming
+    from vaeexp.likelihood import iwae_metrics
+    from vaeexp.resumable import Checkpoints
     from vaeexp.resume import resolve as resolve_resume
-    from vaeexp.tracking import check_reachable, tracked_run
+    from vaeexp.tracking.run import tracked_run
+    from vaeexp.tracking.store import check_reachable
     from vaeexp.trainer import cpu_settings, pick_device, train
 
-    cpu_settings(cfg.flush_denormal, job_threads(cfg.threads, HydraConfig.get()))
-    device = pick_device(cfg.device.value)
-    check_reachable(cfg.tracking.uri)  # seconds, not minutes of retries, before any work
+    typed = settings(cfg)
+    hc = HydraConfig.get()
+    cpu_settings(typed.flush_denormal, job_threads(typed.threads, hc))
+    device = pick_device(typed.device.value)
+    check_reachable(typed.tracking.uri)  # seconds, not minutes of retries, before any work
     resume = None
-    if cfg.resume:
-        path = resolve_resume(cfg.resume, cfg, Path(cfg.paths.runs))
+    if typed.resume:
+        path = resolve_resume(typed.resume, typed, Path(typed.paths.runs))
         if path is None:
             log.info("resume=auto: no checkpoint of this configuration yet; starting afresh")
         else:
             log.info("resuming from %s", path)
             resume = checkpoint.load(path)
-    data = load_data(cfg.data, progress=cfg.progress)
-    hc = HydraConfig.get()
+    data = load_data(typed.data, progress=typed.progress)
     output_dir = Path(hc.runtime.output_dir)
-    ckpt_path = output_dir / checkpoint.FILENAME if cfg.checkpoint else None
+    ckpt_path = output_dir / checkpoint.FILENAME if typed.checkpoint else None
     with tracked_run(
-        cfg,
+        typed,
         data,
         device,
         output_dir,
         list(hc.overrides.task),
         resume_run_id=resume and resume.get("mlflow_run_id"),
     ) as run:
-        with filming(cfg, data, run.hooks, output_dir / "film", device) as film:
+        with filming(typed, data, run.logger, output_dir / "film", device) as film:
             result = train(
-                cfg,
+                typed,
                 data,
-                device=device,
+                device,
                 hooks=run.hooks,
                 film=film,
-                checkpoint_path=ckpt_path,
-                resume=resume,
-                extra_state={"mlflow_run_id": run.run_id},
+                checkpoints=Checkpoints(ckpt_path, resume, {"mlflow_run_id": run.run_id}),
+                stop=STOP,
             )
-        run.finish(result, data.test_x, final_metrics(cfg, result.model, data), ckpt_path)
+        final = iwae_metrics(result.model, data.test_x, typed.iwae.k, typed.iwae.images)
+        run.finish(result, data.test_x, final, ckpt_path)
     return float(result.metrics["test/loss"])
 
 
 def job_threads(threads: int, hc: Any) -> int:
     """torch threads for this job: `threads` if set; else, under a launcher that runs jobs side by
-    side, this job's share of the cores (threads x parallel jobs <= cores: two 2-thread jobs on 2
-    cores run 20x slower, not 2x); else 0, torch's default (one per core)."""
+    side, this job's share of the cores (threads x parallel jobs <= cores: oversubscribed,
+    torch's OpenMP threads spin against each other, bench/RESULTS.md "Sweeps"); else 0, torch's
+    default (one per core)."""
     if threads:
         return threads
     launcher = hc.launcher if _multirun(hc) else {}
@@ -115,8 +124,9 @@ def job_threads(threads: int, hc: Any) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     if target.endswith("JoblibLauncher"):
-        n_jobs = int(launcher.get("n_jobs") or -1)
-        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's rule
+        import joblib
+
+        parallel = joblib.effective_n_jobs(int(launcher.get("n_jobs") or -1))
         return max(1, cores // parallel)
     if "submitit" in target:  # each job's own allocation; submitit_local starts all at once
         return int(launcher.get("cpus_per_task") or 1)
@@ -127,23 +137,12 @@ def _multirun(hc: Any) -> bool:
     return getattr(hc.mode, "name", None) == "MULTIRUN"
 
 
-def final_metrics(cfg: DictConfig, model: Any, data: Any) -> dict[str, float]:
-    """What only a finished model gets: the importance-weighted bound on the test NLL."""
-    from vaeexp.likelihood import iwae_nll
-
-    n, k = cfg.eval.iwae_images, cfg.eval.iwae_k
-    if n == 0:
-        return {}
-    x = data.test_x[:n].to(next(model.parameters()).device)
-    return {f"test_nll_iwae_k{k}": iwae_nll(model, x, k)}
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vaeexp.checkpoint import CheckpointError
     from vaeexp.data import DataUnavailable, IdxError
-    from vaeexp.delivery import DeliveryIncomplete
-    from vaeexp.tracking import TrackingUnavailable
-    from vaeexp.trainer import Diverged
+    from vaeexp.step import Diverged
+    from vaeexp.tracking.outbox import DeliveryIncomplete
+    from vaeexp.tracking.store import TrackingUnavailable
 
     return (
         ConfigError,
@@ -160,8 +159,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _on_signal(signum: int, frame: Any) -> None:
     """First Ctrl-C/SIGTERM: finish the current step, then stop. A second one: stop now."""
-    from vaeexp.trainer import STOP
-
     name = signal.Signals(signum).name
     if STOP.request(name):
         print(f"vaeexp: {name}: stopping after this step (again to stop now)", file=sys.stderr)
@@ -177,12 +174,12 @@ def _exit_with(e: BaseException) -> None:
 
 def steady_memory() -> None:
     """Pin glibc's mmap threshold at 4 MiB. By default glibc raises it after large blocks are
-    freed, so later large tensors (the end-of-run IWAE pass) come from the heap and fragment it:
-    measured +0.2 to +1.4 GB peak RSS, varying from run to run. Pinned, tensors over 4 MiB live
-    in their own mappings, returned to the OS on free; training-step tensors are far smaller.
-    Pinning also freezes the trim threshold at 128 KiB, so every freed tensor of a few MiB would
-    go back to the OS and fault its pages in again on the next step (the IWAE pass ran 1.45x
-    slower): keep up to 32 MiB of free heap instead."""
+    freed, so later large tensors (the end-of-run IWAE pass) come from the heap and fragment it,
+    by a different amount in every run (bench/RESULTS.md, row 4). Pinned, tensors over 4 MiB
+    live in their own mappings, returned to the OS on free; training-step tensors are far
+    smaller. Pinning also freezes the trim threshold at 128 KiB, so every freed tensor of a few
+    MiB would go back to the OS and fault its pages in again on the next step: keep up to
+    32 MiB of free heap instead."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 32 << 20)  # -1: M_TRIM_THRESHOLD

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from vaeexp.model import VAE
+
 FORMAT = "vaeexp.checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
@@ -69,3 +71,15 @@ def load(path: str | Path) -> dict[str, Any]:
             f"this vaeexp reads version {VERSION}"
         )
     return state
+
+
+def load_model(path: str | Path) -> tuple[VAE, dict[str, Any]]:
+    """The trained model a checkpoint holds (eval mode, on the CPU) and the config it trained."""
+    state = load(path)
+    config = state.get("config", {})
+    try:
+        model = VAE(config["latent_dim"], config["intermediate_dim"])
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its model cannot be rebuilt ({e})") from None
+    return model.eval(), config

@@ -1,28 +1,43 @@
-"""Config schema: every setting a user can type, its type, and what values are allowed.
+"""Config schema: every setting a user can type, its type, its one default, and what identifies
+a run.
 
 Hydra's ConfigStore holds the dataclasses below, so type errors and unknown keys are caught while
-composing; `validate` adds the range checks a type cannot express. Both report one line that names
-the key and what is allowed, before any data is loaded or any MLflow run is created.
+composing (`vaeexp.validate` adds the range checks a type cannot express). The defaults live here
+only: `conf/` picks group options and presets, and never restates a default. Code past the entry
+point reads a typed `Config` (`settings`), not a DictConfig.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
-from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from vaeexp.paths import default_data_root, default_tracking_uri, parent_run_id, runs_dir
+from vaeexp.paths import sweep_folder as _sweep_folder
 
-
-class ConfigError(ValueError):
-    """A setting the user can fix; the message is one line naming the key."""
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
+# Settings that say where or how a job runs, not what it trains: left out of run names, the
+# comparison report's columns, and the identity `resume=auto` matches on.
+WHERE_OR_HOW = (
+    "hydra",
+    "tracking",
+    "iwae",
+    "paths",
+    "progress",
+    "resume",
+    "checkpoint",
+    "data.root",
+    "threads",
+    "device",
+    "dry_run",
+)
+# How long to train is not what is trained either, but a run's name and report say it.
+NOT_RESUME_IDENTITY = (*WHERE_OR_HOW, "epochs")
 
 
 class Optimizer(Enum):
@@ -55,7 +70,7 @@ class Precision(Enum):
 
 
 class FilmPrecision(Enum):
-    auto = "auto"  # bf16 where the CPU computes it natively (7x faster here), else fp32
+    auto = "auto"  # bf16 where the CPU computes it natively (bench/RESULTS.md), else fp32
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -68,56 +83,42 @@ class DatasetName(Enum):
 
 
 class Binarize(Enum):
-    none = "none"
-    static = "static"
-    dynamic = "dynamic"
-
-
-def runs_dir() -> Path:
-    """All outputs of the project land here, whatever the working folder."""
-    return Path(os.environ.get("VAEEXP_RUNS") or PROJECT_ROOT / "runs").resolve()
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
-
-
-def default_data_root() -> str:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.environ.get("VAEEXP_DATA") or str(Path(cache) / "vaeexp" / "data")
+    none = "none"  # grey pixels as Bernoulli targets, as the reference
+    static = "static"  # thresholded once
+    dynamic = "dynamic"  # resampled every batch
 
 
 @dataclass
 class DataConfig:
     name: DatasetName = DatasetName.mnist
-    root: str = "${vaeexp.data_root:}"
+    root: str = "${vaeexp.data_root:}"  # download cache; VAEEXP_DATA overrides
     mirrors: list[str] = field(default_factory=list)
-    system_dirs: list[str] = field(default_factory=list)
+    system_dirs: list[str] = field(default_factory=list)  # read-only copies, e.g. Debian's
     download: bool = True
-    fallback: bool = True
+    fallback: bool = True  # MNIST only: the bundled digits when the full set is unavailable
     binarize: Binarize = Binarize.none
-    train_limit: int | None = None
+    train_limit: int | None = None  # a fixed subset, for quick runs
     test_limit: int | None = None
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "${vaeexp.tracking_uri:}"
+    uri: str = "${vaeexp.tracking_uri:}"  # MLFLOW_TRACKING_URI, else SQLite under runs/
     experiment: str = "vaeexp"
     # Only used when the experiment is created on a local store; a server picks its own.
     artifact_location: str | None = "${paths.runs}/mlartifacts"
-    run_name: str | None = None
+    run_name: str | None = None  # null: named from the overrides
     parent_run_id: str | None = "${vaeexp.sweep_parent:}"  # a sweep's parent run; see sweep.py
     log_model: bool = True
     log_images: bool = True
 
 
 @dataclass
-class EvalConfig:
+class IwaeConfig:
     """End-of-run importance-weighted bound on the test NLL (logged as test_nll_iwae_k{k})."""
 
-    iwae_k: int = 1000
-    iwae_images: int | None = 1000  # the first N test images; null: all of them; 0: skip
+    k: int = 1000  # importance samples
+    images: int | None = 1000  # the first N test images; null: all of them; 0: skip
 
 
 @dataclass
@@ -134,13 +135,13 @@ class FilmConfig:
     stride: int = 1  # the GIF / MP4 shows every stride-th frame
     mp4: bool = False
     decoder: bool = True  # latent_dim 2: the decoded 20x20 grid, one frame per epoch
-    knn_k: int = 5
-    precision: FilmPrecision = FilmPrecision.auto
+    knn_k: int = 5  # neighbours for the per-frame kNN accuracy
+    precision: FilmPrecision = FilmPrecision.auto  # the frame's encoder pass
 
 
 @dataclass
 class PathsConfig:
-    runs: str = "${vaeexp.runs_dir:}"
+    runs: str = "${vaeexp.runs_dir:}"  # VAEEXP_RUNS overrides
 
 
 @dataclass
@@ -148,30 +149,31 @@ class Config:
     latent_dim: int = 2
     intermediate_dim: int = 256
     batch_size: int = 100
-    epsilon_std: float = 1.0
+    epsilon_std: float = 1.0  # std of the reparameterisation noise; 1 is the ELBO
     epochs: int = 50
     optimizer: Optimizer = Optimizer.rmsprop
     lr: float = 1e-3
-    rho: float = 0.9
-    eps: float = 1e-7
+    rho: float = 0.9  # RMSprop decay
+    eps: float = 1e-7  # added inside the square root, as Keras does
+    # The loss the optimiser minimises; eps makes RMSprop scale-dependent (README, bench/).
     objective_scale: ObjectiveScale = ObjectiveScale.per_pixel
     init: Init = Init.glorot
     seed: int = 0
     device: Device = Device.auto
-    threads: int = 0
-    flush_denormal: bool = True
-    grad_clip: float | None = None
-    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0: automatic
+    flush_denormal: bool = True  # CPU: subnormal floats as 0 (each costs a microcode assist)
+    grad_clip: float | None = None  # global norm of the optimised objective's gradients
+    compile: bool = False  # torch.compile the loss step
     precision: Precision = Precision.fp32
     log_every_n_steps: int = 50
-    eval_batch_size: int = 1000
+    test_batch_size: int = 1000  # the per-epoch test-set losses
     progress: bool = True
     checkpoint: bool = True
-    resume: str | None = None
-    dry_run: bool = False
+    resume: str | None = None  # auto, a run folder, a checkpoint file or an MLflow run id
+    dry_run: bool = False  # validate and list the job(s) without loading data or training
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    iwae: IwaeConfig = field(default_factory=IwaeConfig)
     film: FilmConfig = field(default_factory=FilmConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -183,129 +185,38 @@ def register() -> None:
         "vaeexp.runs_dir": lambda: str(runs_dir()),
         "vaeexp.tracking_uri": default_tracking_uri,
         "vaeexp.data_root": default_data_root,
-        "vaeexp.sweep_parent": _sweep_parent,
+        "vaeexp.sweep_parent": lambda: parent_run_id(_sweep_folder()),
     }.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
 
 
-def _sweep_parent() -> str | None:
-    from vaeexp.sweep import parent_run_id
-
-    return parent_run_id()
-
-
-def limits_ok(value: str) -> bool:
-    """film.limits (and `python -m vaeexp.film --limits`): auto, or a half-width L > 0."""
-    if value == "auto":
-        return True
-    try:
-        return math.isfinite(float(value)) and float(value) > 0
-    except ValueError:
-        return False
+def settings(cfg: DictConfig | Config) -> Config:
+    """The typed config (enums and all) that the code past the entry point reads."""
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
-# (key, test, what is allowed) for the checks a type cannot express.
-_RULES: list[tuple[str, object, str]] = [
-    ("latent_dim", lambda v: v >= 1, "an integer >= 1"),
-    ("intermediate_dim", lambda v: v >= 1, "an integer >= 1"),
-    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("epochs", lambda v: v >= 1, "an integer >= 1"),
-    ("epsilon_std", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    ("rho", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    ("seed", lambda v: 0 <= v < 2**63, "an integer >= 0"),
-    ("threads", lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
-    ("grad_clip", lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number > 0"),
-    ("log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
-    ("eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("data.train_limit", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("data.test_limit", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("eval.iwae_k", lambda v: v >= 1, "an integer >= 1"),
-    ("eval.iwae_images", lambda v: v is None or v >= 0, "null (all) or an integer >= 0 (0: skip)"),
-    ("film.points", lambda v: v is None or v >= 10, "null (all test images) or an integer >= 10"),
-    ("film.every_step_until", lambda v: v is None or v >= 0, "null (every step) or an int >= 0"),
-    ("film.every_n_steps", lambda v: v >= 1, "an integer >= 1"),
-    ("film.until_epoch", lambda v: v >= 0, "an integer >= 0"),
-    ("film.limits", limits_ok, "auto or a number L > 0 (axes from -L to L)"),
-    ("film.fps", lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
-    ("film.stride", lambda v: v >= 1, "an integer >= 1"),
-    ("film.knn_k", lambda v: v >= 1, "an integer >= 1"),
-    ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
-    ("tracking.uri", lambda v: bool(v.strip()), "a tracking URI such as sqlite:///path/mlflow.db"),
-]
+def plain(cfg: Config) -> dict[str, Any]:
+    """The config as plain values (enums as their names), as checkpoints store it."""
+    return asdict(cfg, dict_factory=lambda items: {k: getattr(v, "value", v) for k, v in items})
 
 
-def validate(cfg: DictConfig) -> None:
-    """Refuse values no run can use; raises ConfigError with a one-line message."""
-    for key, ok, allowed in _RULES:
-        value = OmegaConf.select(cfg, key)
-        if not ok(value):
-            raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
-    if cfg.data.name != DatasetName.mnist_bundled and cfg.data.download and not cfg.data.mirrors:
-        raise ConfigError("data.mirrors is empty: list at least one mirror, or data.download=false")
-    if cfg.resume is not None and not (
-        cfg.resume == "auto"
-        or Path(cfg.resume).exists()
-        or re.fullmatch(r"[0-9a-f]{32}", cfg.resume)
-    ):
-        raise ConfigError(
-            f"resume={cfg.resume} is not allowed: must be auto, a run folder, a checkpoint file "
-            "or an MLflow run id"
-        )
-    import torch  # late: keeps `--help` and config errors fast
-
-    if cfg.device == Device.cuda and not torch.cuda.is_available():
-        raise ConfigError("device=cuda is not available on this machine; allowed here: auto, cpu")
-    if cfg.device == Device.mps and not torch.backends.mps.is_available():
-        raise ConfigError("device=mps is not available on this machine; allowed here: auto, cpu")
+def is_where_or_how(key: str) -> bool:
+    """True for a dotted key (`tracking.uri`, `threads`) that does not change what is trained."""
+    return any(key == k or key.startswith(f"{k}.") for k in WHERE_OR_HOW)
 
 
-def explain(exc: BaseException) -> str:
-    """One line for a Hydra/OmegaConf composition error, naming the key and what is allowed."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    if isinstance(exc, ConfigError):
-        return str(exc)
-    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
-        group, _, choice = exc.missing_cfg_file.rpartition("/")
-        return f"{group}={choice} is not a known choice; allowed: {', '.join(exc.options)}"
-    if isinstance(exc, OverrideParseException):
-        return f"cannot parse override '{exc.override}': {_first_line(exc.message)}"
-    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
-    key = getattr(cause, "full_key", None)
-    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key:
-        known = _all_keys(OmegaConf.structured(Config))
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown setting '{key}'{hint}; `python -m vaeexp --cfg job` lists them all"
-    msg = _first_line(getattr(cause, "msg", None) or str(cause))
-    if key:
-        m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
-        if m:
-            kind = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false"}
-            return f"{key}={m.group(1)} is not allowed: must be {kind.get(m.group(2), m.group(2))}"
-        m = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
-        if m:
-            return f"{key}={m.group(1)} is not allowed: must be one of {m.group(2)}"
-        m = re.match(r"Value '(.*)' is not a valid bool", msg)
-        if m:
-            return f"{key}={m.group(1)} is not allowed: must be true or false"
-        return f"{key}: {msg}"
-    return _first_line(str(exc))
+def resume_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must share with this config for `resume=auto` to continue it."""
+    return _without(config, NOT_RESUME_IDENTITY)
 
 
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), text)
-
-
-def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for k in node:
+def _without(tree: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
         full = f"{prefix}{k}"
-        keys.append(full)
-        child = node._get_node(k)
-        if isinstance(child, DictConfig):
-            keys += _all_keys(child, f"{full}.")
-    return keys
+        if full in keys:
+            continue
+        out[k] = _without(v, keys, f"{full}.") if isinstance(v, dict) else v
+    return out

@@ -30,14 +30,13 @@ def iwae_log_likelihood(
     """Per-image lower bound L_k on log p(x), in nats; L_1 is the ELBO and L_k -> log p(x).
 
     Images are processed in chunks so that k * chunk latent samples are decoded at once
-    (vectorised over samples and images); `max_samples` keeps a chunk's logits (3 MiB) near the
-    cache.
+    (vectorised over samples and images); `max_samples` keeps a chunk's logits near the cache.
     """
     was_training = model.training
     model.eval()
     chunk = max(1, max_samples // k)
-    # One buffer for every chunk's logits: allocating a fresh 3 MiB block per chunk left glibc's
-    # heap fragmented, at random, by up to 1 GB over the 1,000 chunks of the default bound.
+    # One buffer for every chunk's logits: a fresh block per chunk left glibc's heap fragmented,
+    # by a random amount from run to run (bench/RESULTS.md, row 4).
     rows, pixels = k * min(chunk, len(x)), model.decoder_out.out_features
     buffer = torch.empty(rows, pixels, device=x.device, dtype=x.dtype)
     bounds = []
@@ -59,8 +58,7 @@ def log_px_z(
     """Bernoulli log-likelihood sum_i x_i l_i - softplus(l_i) of images x (b, 784) under codes
     z (k, b, d), with logits l = W h + c: the same number as -BCE-with-logits summed over pixels.
     The x.l term is a 256-wide product per sample, h.(W^T x) + c.x, instead of a 784-wide one,
-    and softplus is one fused pass where BCE makes several: measured at one thread, ~1.5 s
-    against 5.7 s per million samples, beside the 2.5 s of the logits' matrix product. `buffer`
+    and softplus is one fused pass where BCE makes several passes over the logits. `buffer`
     (k * b, 784), if given, holds the logits.
     """
     out = model.decoder_out
@@ -75,3 +73,12 @@ def iwae_nll(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> float:
     """Mean negative L_k over `x`: an upper bound on the test NLL, deterministic for a seed."""
     g = torch.Generator(device=x.device).manual_seed(seed)
     return -iwae_log_likelihood(model, x, k, generator=g).mean().item()
+
+
+def iwae_metrics(model: VAE, test_x: torch.Tensor, k: int, images: int | None) -> dict[str, float]:
+    """The end-of-run bound `test_nll_iwae_k{k}` over the first `images` test images (None: all
+    of them; 0: none, and no metric)."""
+    if images == 0:
+        return {}
+    x = test_x[:images].to(next(model.parameters()).device)
+    return {f"test_nll_iwae_k{k}": iwae_nll(model, x, k)}

@@ -8,46 +8,25 @@ asked for, progress bars...), so re-launching the same command continues where i
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from vaeexp import checkpoint
+from vaeexp.config import RUN_ID, Config, plain, resume_identity
 
 log = logging.getLogger(__name__)
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-# Top-level keys that may differ between a run and its continuation.
-NOT_IDENTITY = {
-    "resume",
-    "progress",
-    "epochs",
-    "threads",
-    "device",
-    "tracking",
-    "paths",
-    "eval",
-    "checkpoint",
-}
 
-
-def identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-
-
-def resolve(spec: str, cfg: DictConfig, runs_dir: Path) -> Path | None:
+def resolve(spec: str, cfg: Config, runs_dir: Path) -> Path | None:
     """The checkpoint file to resume from; None for `auto` with nothing to continue."""
     if spec == "auto":
         return latest_matching(cfg, runs_dir)
-    if RUN_ID.match(spec) and not Path(spec).exists():
+    if RUN_ID.fullmatch(spec) and not Path(spec).exists():
         return _from_run_id(spec, cfg.tracking.uri)
     return checkpoint.locate(spec)
 
 
-def latest_matching(cfg: DictConfig, runs_dir: Path) -> Path | None:
-    wanted = identity(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+def latest_matching(cfg: Config, runs_dir: Path) -> Path | None:
+    wanted = resume_identity(plain(cfg))
     candidates = sorted(
         (
             p
@@ -63,7 +42,7 @@ def latest_matching(cfg: DictConfig, runs_dir: Path) -> Path | None:
         except checkpoint.CheckpointError as e:
             log.warning("resume=auto: skipping %s", e)
             continue
-        if identity(saved) == wanted:
+        if resume_identity(saved) == wanted:
             return path
     return None
 

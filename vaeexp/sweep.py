@@ -15,43 +15,26 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from vaeexp.paths import PARENT_FILE, parent_run_id
+
 log = logging.getLogger(__name__)
-
-PARENT_FILE = "mlflow_parent_run_id"
-
-
-def sweep_folder() -> Path | None:
-    """The running job's sweep folder; None outside a multirun."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
-
-
-def parent_run_id() -> str | None:
-    """Resolver for `tracking.parent_run_id`: the id the sweep's callback left for its jobs."""
-    folder = sweep_folder()
-    path = folder / PARENT_FILE if folder else None
-    return path.read_text().strip() if path and path.is_file() else None
 
 
 class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.dry_run:
             return
+        # Imported here: Hydra builds this callback for every run, and a single run or a config
+        # error should not pay for MLflow before it needs it.
         from mlflow.tracking import MlflowClient
 
-        from vaeexp.tracking import artifact_location, check_reachable, ensure_experiment, run_name
+        from vaeexp.tracking.naming import run_name
+        from vaeexp.tracking.store import check_reachable, experiment_for
 
         uri = config.tracking.uri
         check_reachable(uri)
         client = MlflowClient(uri)
-        experiment = ensure_experiment(
-            client, config.tracking.experiment, artifact_location(config.tracking)
-        )
+        experiment = experiment_for(client, config.tracking)
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
@@ -67,10 +50,11 @@ class SweepRun(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        path = Path(config.hydra.sweep.dir) / PARENT_FILE
-        if not path.is_file():
+        from vaeexp.compare import report
+
+        parent = parent_run_id(Path(config.hydra.sweep.dir))
+        if parent is None:
             return
-        parent = path.read_text().strip()
         client = MlflowClient(config.tracking.uri)
         experiment = client.get_run(parent).info.experiment_id
         children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
@@ -85,8 +69,6 @@ class SweepRun(Callback):
         failed = len(children) - len(finished)
         client.set_tag(parent, "children", f"{len(children)} ({failed} not finished)")
         if children:
-            from vaeexp.compare import report
-
             try:  # Hydra would turn an exception here into a warning: say it plainly instead
                 out = Path(config.hydra.sweep.dir) / "report"
                 report(client, out, parent=parent)

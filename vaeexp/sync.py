@@ -12,34 +12,25 @@ import sys
 from pathlib import Path
 
 import mlflow
+import torch
 
 from vaeexp import checkpoint
 from vaeexp.config import register
-from vaeexp.delivery import MANIFEST, Outbox
-from vaeexp.model import VAE
+from vaeexp.model import IMAGE_DIM
+from vaeexp.tracking.export import log_models
+from vaeexp.tracking.outbox import MANIFEST, Outbox
 
 
 def sync(folder: Path, uri: str | None = None) -> Outbox:
     box = Outbox.from_manifest(folder, uri)
     if box.retry() and box.models:
-        import torch
-
-        from vaeexp.tracking import log_models
-
-        state = checkpoint.load(folder)  # the trained weights: the models are rebuilt from them
-        model = VAE(state["config"]["latent_dim"], state["config"]["intermediate_dim"])
-        model.load_state_dict(state["model"])
-        example = torch.rand(5, 784, generator=torch.Generator().manual_seed(0))
+        model, _ = checkpoint.load_model(folder)  # the trained weights: models rebuilt from them
+        example = torch.rand(5, IMAGE_DIM, generator=torch.Generator().manual_seed(0))
         mlflow.set_tracking_uri(box.uri)
         with mlflow.start_run(run_id=box.run_id):
-            box.models = not box.call("logging the models", log_models, model.eval(), example)
-    if (
-        box.status
-        and not box.models
-        and box.retry()
-        and box.call("ending the run", box.client.set_terminated, box.run_id, box.status)
-    ):
-        box.status = None
+            box.models_out(lambda: log_models(model, example))
+    if box.status and not box.models and box.retry():
+        box.status_out(box.status, lambda status: box.client.set_terminated(box.run_id, status))
     if box.pending():
         box.write_manifest()
     else:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from vaeexp.config import default_tracking_uri
+from vaeexp.paths import default_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,6 +76,10 @@ class Dataset:
     def class_names(self) -> tuple[str, ...]:
         return CLASS_NAMES.get(self.resolved, tuple(str(d) for d in range(10)))
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Optimizer steps in one pass over the training set (the last batch may be short)."""
+        return -(-len(self.train_x) // batch_size)
+
     @property
     def summary(self) -> str:
         n_train, n_test = len(self.train_x), len(self.test_x)

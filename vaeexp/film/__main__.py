@@ -7,19 +7,18 @@ to `--out`.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
-from vaeexp.config import default_tracking_uri, limits_ok
+from vaeexp import cli
 from vaeexp.film.frames import Frames, title
 from vaeexp.film.gif import writer
 from vaeexp.film.render import draw_film
+from vaeexp.validate import limits_ok
+
+PROG = "vaeexp.film"
 
 
 def rerender(frames: Frames, out: Path, fps: int, stride: int, limits: str | None = None) -> int:
@@ -45,14 +44,13 @@ def rerender(frames: Frames, out: Path, fps: int, stride: int, limits: str | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vaeexp.film", description=__doc__)
+    parser = cli.parser(PROG, __doc__)
     parser.add_argument("run_id")
     parser.add_argument("--fps", type=int, default=10, help="frames per second (default 10)")
     parser.add_argument("--stride", type=int, default=1, help="keep every Nth frame (default 1)")
     parser.add_argument("--limits", help="auto, or L for axes -L..L (default: the run's)")
     parser.add_argument("--format", choices=("gif", "mp4"), help="default: --out's, or gif")
     parser.add_argument("--out", type=Path, help="write here instead of logging to the run")
-    parser.add_argument("--uri", default=default_tracking_uri(), help="tracking store")
     args = parser.parse_args(argv)
     if not 1 <= args.fps <= 100 or args.stride < 1:
         parser.error("--fps must be from 1 to 100 and --stride >= 1")
@@ -63,24 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     args.format = args.format or (args.out.suffix[1:] if args.out else "gif")
     if args.out is not None and args.out.suffix != f".{args.format}":
         parser.error(f"--out={args.out} does not end in .{args.format}")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    client = MlflowClient(args.uri)
-    try:
-        client.get_run(args.run_id)
-    except mlflow.exceptions.MlflowException as e:
-        sys.exit(f"vaeexp.film: error: no run {args.run_id} in {args.uri} ({e.error_code})")
+    client = cli.open_store(args.uri)
+    cli.get_run(client, args.run_id, PROG)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            npz = mlflow.artifacts.download_artifacts(
-                run_id=args.run_id,
-                artifact_path="film/frames.npz",
-                dst_path=tmp,
-                tracking_uri=args.uri,
-            )
+            npz = client.download_artifacts(args.run_id, "film/frames.npz", tmp)
         except (mlflow.exceptions.MlflowException, OSError):
-            sys.exit(
-                f"vaeexp.film: error: run {args.run_id} has no film/frames.npz (was it trained "
-                "with film=off, or is it still running?)"
+            cli.fail(
+                PROG,
+                f"run {args.run_id} has no film/frames.npz (was it trained with film=off, or "
+                "is it still running?)",
             )
         frames = Frames.load(Path(npz))
         limits = args.limits or frames.meta["limits"]

@@ -27,10 +27,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from vaeexp import images
-from vaeexp.config import FilmPrecision
+from vaeexp.config import Config, FilmPrecision
 from vaeexp.data import Dataset
 from vaeexp.film import diagnostics
 from vaeexp.film.frames import FrameStore, title
@@ -94,7 +93,7 @@ def film_points(labels: torch.Tensor, points: int | None) -> np.ndarray:
 class FilmRecorder:
     def __init__(
         self,
-        cfg: DictConfig,
+        cfg: Config,
         data: Dataset,
         sink: Sink,
         folder: Path,
@@ -102,8 +101,7 @@ class FilmRecorder:
     ):
         film = cfg.film
         self.cfg, self.film, self.sink, self.folder = cfg, film, sink, folder
-        steps_per_epoch = -(-len(data.train_x) // cfg.batch_size)
-        self.schedule = Schedule.from_config(film, steps_per_epoch)
+        self.schedule = Schedule.from_config(film, data.steps_per_epoch(cfg.batch_size))
         self.index = film_points(data.test_y, film.points)  # in drawing order
         filmed = np.sort(self.index)
         # All test images: the dataset's own tensor, not a 31 MB copy; means are put in drawing
@@ -365,7 +363,7 @@ class FilmRecorder:
 
 @contextmanager
 def filming(
-    cfg: DictConfig, data: Dataset, sink: Sink, folder: Path, device: torch.device
+    cfg: Config, data: Dataset, sink: Sink, folder: Path, device: torch.device
 ) -> Iterator[FilmRecorder | None]:
     """The run's film, finished whatever happens: a stopped run keeps what was filmed."""
     if not cfg.film.enabled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from vaeexp.config import FilmConfig
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Schedule:
     until_epoch: int
 
     @classmethod
-    def from_config(cls, film: DictConfig, steps_per_epoch: int) -> Schedule:
+    def from_config(cls, film: FilmConfig, steps_per_epoch: int) -> Schedule:
         return cls(steps_per_epoch, film.every_step_until, film.every_n_steps, film.until_epoch)
 
     def due(self, step: int) -> bool:

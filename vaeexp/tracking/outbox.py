@@ -4,6 +4,9 @@ Every call made while training goes through `Outbox.call`: a failure is warned a
 metrics and images that could not be sent are kept (images as PNG files in the run folder) and
 retried after `RETRY_SECONDS`, and what is still undelivered at the end is written to
 `undelivered.json` in the run folder for `python -m vaeexp.sync <run folder>`.
+
+Written by hand: MLflow's own async logging drops what fails after its retries, and no library
+keeps a run's metrics, images, models and final status on disk for a later delivery.
 """
 
 from __future__ import annotations
@@ -134,6 +137,19 @@ class Outbox:
                 return False
             self.artifacts.remove(entry)
         return True
+
+    def models_out(self, send: Callable[[], None]) -> bool:
+        """Log the models with `send`; kept for a later delivery if it fails. True if sent."""
+        with self.lock:
+            self.models = not self.call("logging the models", send)
+            return not self.models
+
+    def status_out(self, status: str, send: Callable[[str], None]) -> bool:
+        """End the run with `send(status)`; the status is kept if it fails. True if sent."""
+        with self.lock:
+            sent = self.call("ending the run", send, status)
+            self.status = None if sent else status
+            return sent
 
     def pending(self) -> str:
         """What is undelivered, in words; empty when everything arrived."""

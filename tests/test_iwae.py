@@ -1,4 +1,4 @@
-"""`python -m vaeexp.evaluate` rebuilds a finished run's model and data from MLflow alone."""
+"""`python -m vaeexp.iwae` rebuilds a finished run's model and data from MLflow alone."""
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -11,12 +11,12 @@ ARGS = [
     "intermediate_dim=32",
     "tracking.log_model=false",
     "tracking.log_images=false",
-    "eval.iwae_k=20",
-    "eval.iwae_images=30",
+    "iwae.k=20",
+    "iwae.images=30",
 ]
 
 
-def test_evaluate_reproduces_the_in_run_bound_and_logs_it(store):
+def test_iwae_reproduces_the_in_run_bound_and_logs_it(store):
     assert run_cli(*ARGS, env=store).returncode == 0
     client = MlflowClient(store["MLFLOW_TRACKING_URI"])
     run = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])[0]
@@ -25,7 +25,7 @@ def test_evaluate_reproduces_the_in_run_bound_and_logs_it(store):
     assert in_run <= run.data.metrics["test/neg_elbo"] + 5  # a tighter bound, up to noise
 
     result = run_cli(
-        run.info.run_id, "--k", "20", "--images", "30", env=store, module="vaeexp.evaluate"
+        run.info.run_id, "--k", "20", "--images", "30", env=store, module="vaeexp.iwae"
     )
     assert result.returncode == 0, result.stderr
     printed = float(result.stdout.strip().split(" = ")[1])
@@ -41,13 +41,13 @@ def test_evaluate_reproduces_the_in_run_bound_and_logs_it(store):
         "30",
         "--no-log",
         env=store,
-        module="vaeexp.evaluate",
+        module="vaeexp.iwae",
     )
     assert float(more.stdout.strip().split(" = ")[1]) < printed + 0.5  # more samples: tighter
     assert "test_nll_iwae_k200" not in client.get_run(run.info.run_id).data.metrics
 
 
 def test_unknown_run_is_a_clear_error(store):
-    result = run_cli("0123456789abcdef", env=store, module="vaeexp.evaluate")
+    result = run_cli("0123456789abcdef", env=store, module="vaeexp.iwae")
     assert result.returncode != 0
-    assert "vaeexp.evaluate: error: no run 0123456789abcdef" in result.stderr
+    assert "vaeexp.iwae: error: no run 0123456789abcdef" in result.stderr

@@ -1,0 +1,43 @@
+"""Where things live: the project, its configs and runs, the tracking store, the data cache, and a
+sweep's folder with its parent-run file. A leaf: it imports nothing of vaeexp's, so every other
+module can ask it without tying the import graph in a knot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+PARENT_FILE = "mlflow_parent_run_id"  # in a sweep's folder: the id of its MLflow parent run
+
+
+def runs_dir() -> Path:
+    """All outputs of the project land here, whatever the working folder."""
+    return Path(os.environ.get("VAEEXP_RUNS") or PROJECT_ROOT / "runs").resolve()
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
+
+
+def default_data_root() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.environ.get("VAEEXP_DATA") or str(Path(cache) / "vaeexp" / "data")
+
+
+def sweep_folder() -> Path | None:
+    """The running job's sweep folder; None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def parent_run_id(folder: Path | None) -> str | None:
+    """The parent run id a sweep's callback left in `folder`; None if there is none."""
+    path = folder / PARENT_FILE if folder else None
+    return path.read_text().strip() if path and path.is_file() else None

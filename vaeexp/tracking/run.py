@@ -1,0 +1,148 @@
+"""`tracked_run`: one MLflow run per training job, which always ends with a status: FINISHED,
+FAILED (its reason in the `failure_reason` tag) or KILLED."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from vaeexp.config import Config
+from vaeexp.data import Dataset
+from vaeexp.images import EpochImages
+from vaeexp.paths import sweep_folder
+from vaeexp.tracking import record
+from vaeexp.tracking.export import log_models
+from vaeexp.tracking.logger import MlflowLogger
+from vaeexp.tracking.naming import run_name
+from vaeexp.tracking.outbox import DeliveryIncomplete, Outbox
+from vaeexp.tracking.store import experiment_for, last_step, run_exists
+from vaeexp.trainer import Diverged, Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackedRun:
+    run_id: str
+    logger: MlflowLogger  # the film's sink
+    outbox: Outbox
+    log_model: bool
+    hooks: list[Any] = field(default_factory=list)  # the trainer's: the logger, epoch images
+
+    def finish(
+        self,
+        result: Result,
+        example: torch.Tensor,
+        final_metrics: dict[str, float],
+        checkpoint_path: Path | None,
+    ) -> None:
+        """Log what only a finished run has: final metrics, checkpoint, models for mlflow.pyfunc."""
+        self.logger.log_metrics(final_metrics, result.epoch)
+        for key, value in final_metrics.items():
+            log.info("%s = %.2f", key, value)
+        if checkpoint_path is not None and checkpoint_path.is_file():
+            self.outbox.artifact_out(checkpoint_path)  # what `python -m vaeexp.iwae` reads
+        if self.log_model:
+            model, example = result.model.cpu().eval(), example[:5].cpu()
+            self.outbox.models_out(lambda: log_models(model, example))
+
+
+@contextmanager
+def tracked_run(
+    cfg: Config,
+    data: Dataset,
+    device: torch.device,
+    output_dir: Path,
+    overrides: list[str],
+    resume_run_id: str | None = None,
+) -> Iterator[TrackedRun]:
+    """Start (or, resuming, reopen) the job's run, yield it, and end it whatever happens."""
+    tracking = cfg.tracking
+    mlflow.set_tracking_uri(tracking.uri)
+    client = MlflowClient(tracking.uri)
+    experiment_id = experiment_for(client, tracking)
+    tags = record.output_tags(overrides, output_dir, data, cfg.data.binarize.value)
+    if tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = tracking.parent_run_id
+        tags["sweep"] = str(sweep_folder() or "")
+    params = record.params(cfg, data, device)
+
+    resumed = bool(resume_run_id) and run_exists(client, resume_run_id)
+    if resumed:
+        run = mlflow.start_run(run_id=resume_run_id)
+        logged = client.get_run(resume_run_id).data.params
+        params = {k: v for k, v in params.items() if k not in logged}
+        tags["resumed_from"] = str(cfg.resume)
+    else:
+        name = tracking.run_name or run_name(overrides)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
+    run_id = run.info.run_id
+    outbox = Outbox(client, run_id, tracking.uri, output_dir)
+    logger = None
+    status, failure = RunStatus.FINISHED, None
+    try:
+        mlflow.set_tags(tags | record.git_tags(run.data.tags))
+        mlflow.log_params(params)
+        hydra_dir = output_dir / ".hydra"
+        if hydra_dir.is_dir():
+            mlflow.log_artifacts(str(hydra_dir), "hydra")
+        log.info("MLflow run %s (%s) in %s", run_id, run.info.run_name, tracking.uri)
+        done = (
+            (last_step(client, run_id, "train/loss_step"), last_step(client, run_id, "test/loss"))
+            if resumed
+            else (0, 0)
+        )
+        logger = MlflowLogger(outbox, *done)
+        tracked = TrackedRun(run_id, logger, outbox, tracking.log_model, [logger])
+        if tracking.log_images:
+            tracked.hooks.append(
+                EpochImages(logger.log_image, data.test_x, cfg.latent_dim, device, done[1])
+            )
+        yield tracked
+        for logfile in output_dir.glob("*.log"):
+            outbox.artifact_out(logfile)
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    except BaseException as e:
+        status, failure = RunStatus.FAILED, f"{type(e).__name__}: {e}"[:5000]
+        raise
+    finally:
+        if logger is not None:
+            logger.flush()  # keep what was measured before a failure
+        _end(client, outbox, RunStatus.to_string(status), failure, output_dir)
+
+
+def _end(client: MlflowClient, outbox: Outbox, status: str, failure: str | None, folder: Path):
+    """Tag a failure, set the final status, and say where what could not be delivered is kept."""
+    run_id = outbox.run_id
+    if failure:
+        outbox.call("tagging the failure", client.set_tag, run_id, "failure_reason", failure)
+        if failure.startswith(Diverged.__name__):
+            outbox.call("tagging the divergence", client.set_tag, run_id, "diverged", "true")
+    if not outbox.status_out(status, mlflow.end_run) and mlflow.active_run() is not None:
+        # Still ours locally, and a next job must start clean: end_run forgets it before
+        # calling out, so this second call only clears the local state.
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status)
+    undelivered = outbox.pending()
+    if undelivered:
+        manifest = outbox.write_manifest()
+        message = (
+            f"the run {'trained' if status == 'FINISHED' else 'stopped'}, but {undelivered} "
+            f"could not be delivered to {outbox.uri}; they are kept in {manifest}: run "
+            f"`python -m vaeexp.sync {folder}` when it is back"
+        )
+        if status == "FINISHED":
+            raise DeliveryIncomplete(message)
+        log.error(message)

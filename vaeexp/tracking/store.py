@@ -1,0 +1,82 @@
+"""The tracking store: is it there, and the experiment a run goes into."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from vaeexp.config import TrackingConfig
+from vaeexp.tracking.outbox import fail_fast_over_http
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # UI: not the GenAI view
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or written; the message names the URI."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when a tracking server does not answer (MLflow's own client would retry
+    for minutes), and make sure a local store's folder exists."""
+    if uri.startswith(("http://", "https://")):
+        fail_fast_over_http()
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnavailable(
+                f"tracking.uri={uri}: no MLflow server answers ({reason}); start one with "
+                "`mlflow server --host 127.0.0.1 --port 5000`, or use the local store "
+                "(tracking=local)"
+            ) from None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingUnavailable(f"tracking.uri={uri}: cannot create {folder} ({e})") from None
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+        )
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent job
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def experiment_for(client: MlflowClient, tracking: TrackingConfig) -> str:
+    """The configured experiment's id, created on first use."""
+    return ensure_experiment(client, tracking.experiment, artifact_location(tracking))
+
+
+def artifact_location(tracking: TrackingConfig) -> str | None:
+    """A local store gets an absolute artifact folder: MLflow's default is relative to the cwd."""
+    if tracking.artifact_location is None or not tracking.uri.startswith(("sqlite:", "file:", "/")):
+        return None
+    return Path(tracking.artifact_location).resolve().as_uri()
+
+
+def run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def last_step(client: MlflowClient, run_id: str, key: str) -> int:
+    """The last step at which the run has `key`; 0 if never."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)

@@ -1,0 +1,135 @@
+"""The checks a type cannot express, and one line for every error a user's config can make.
+
+Each message names the key and what is allowed, and is raised before any data is loaded or any
+MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaeexp.config import RUN_ID, Config, DatasetName, Device
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; the message is one line naming the key."""
+
+
+def limits_ok(value: str) -> bool:
+    """film.limits (and `python -m vaeexp.film --limits`): auto, or a half-width L > 0."""
+    if value == "auto":
+        return True
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except ValueError:
+        return False
+
+
+# (key, test, what is allowed) for the checks a type cannot express.
+_RULES: list[tuple[str, object, str]] = [
+    ("latent_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("intermediate_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("epsilon_std", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("rho", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("seed", lambda v: 0 <= v < 2**63, "an integer >= 0"),
+    ("threads", lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
+    ("grad_clip", lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number > 0"),
+    ("log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("test_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("data.train_limit", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("data.test_limit", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("iwae.k", lambda v: v >= 1, "an integer >= 1"),
+    ("iwae.images", lambda v: v is None or v >= 0, "null (all) or an integer >= 0 (0: skip)"),
+    ("film.points", lambda v: v is None or v >= 10, "null (all test images) or an integer >= 10"),
+    ("film.every_step_until", lambda v: v is None or v >= 0, "null (every step) or an int >= 0"),
+    ("film.every_n_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("film.until_epoch", lambda v: v >= 0, "an integer >= 0"),
+    ("film.limits", limits_ok, "auto or a number L > 0 (axes from -L to L)"),
+    ("film.fps", lambda v: 1 <= v <= 100, "an integer from 1 to 100"),
+    ("film.stride", lambda v: v >= 1, "an integer >= 1"),
+    ("film.knn_k", lambda v: v >= 1, "an integer >= 1"),
+    ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
+    ("tracking.uri", lambda v: bool(v.strip()), "a tracking URI such as sqlite:///path/mlflow.db"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse values no run can use; raises ConfigError with a one-line message."""
+    for key, ok, allowed in _RULES:
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
+    if cfg.data.name != DatasetName.mnist_bundled and cfg.data.download and not cfg.data.mirrors:
+        raise ConfigError("data.mirrors is empty: list at least one mirror, or data.download=false")
+    if cfg.resume is not None and not (
+        cfg.resume == "auto" or Path(cfg.resume).exists() or RUN_ID.fullmatch(cfg.resume)
+    ):
+        raise ConfigError(
+            f"resume={cfg.resume} is not allowed: must be auto, a run folder, a checkpoint file "
+            "or an MLflow run id"
+        )
+    import torch  # late: keeps `--help` and config errors fast
+
+    if cfg.device == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError("device=cuda is not available on this machine; allowed here: auto, cpu")
+    if cfg.device == Device.mps and not torch.backends.mps.is_available():
+        raise ConfigError("device=mps is not available on this machine; allowed here: auto, cpu")
+
+
+def explain(exc: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error, naming the key and what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        group, _, choice = exc.missing_cfg_file.rpartition("/")
+        return f"{group}={choice} is not a known choice; allowed: {', '.join(exc.options)}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override '{exc.override}': {_first_line(exc.message)}"
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key:
+        known = _all_keys(OmegaConf.structured(Config))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown setting '{key}'{hint}; `python -m vaeexp --cfg job` lists them all"
+    msg = _first_line(getattr(cause, "msg", None) or str(cause))
+    if key:
+        m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
+        if m:
+            kind = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false"}
+            return f"{key}={m.group(1)} is not allowed: must be {kind.get(m.group(2), m.group(2))}"
+        m = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+        if m:
+            return f"{key}={m.group(1)} is not allowed: must be one of {m.group(2)}"
+        m = re.match(r"Value '(.*)' is not a valid bool", msg)
+        if m:
+            return f"{key}={m.group(1)} is not allowed: must be true or false"
+        return f"{key}: {msg}"
+    return _first_line(str(exc))
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k in node:
+        full = f"{prefix}{k}"
+        keys.append(full)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            keys += _all_keys(child, f"{full}.")
+    return keys
