@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import re
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from common import bench_args, median, timed_cli, write_section
+from hydra import compose, initialize_config_dir
+
+from vaeexp.config import Config, register, settings
+from vaeexp.paths import CONF_DIR
 
 ONE_EPOCH = ["experiment=reference", "data=fashion_mnist", "progress=false", "epochs=1"]
 ONE_EPOCH += ["iwae.images=0", "tracking.log_model=false"]
@@ -28,6 +31,13 @@ FILM_LINE = re.compile(
     r"film: (\d+) frames; per frame ([\d.]+) ms capture \(in the loop\), and in the worker "
     r"([\d.]+) ms diagnostics, ([\d.]+) ms render, ([\d.]+) ms log"
 )
+
+
+def config(*overrides: str) -> Config:
+    """The typed config as `python -m vaeexp <overrides>` composes it."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return settings(compose("config", overrides=list(overrides)))
 
 
 def reference_callback(frames: int) -> tuple[float, float]:
@@ -40,10 +50,7 @@ def reference_callback(frames: int) -> tuple[float, float]:
     from vaeexp.data import load_data
     from vaeexp.model import VAE
 
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from tests.conftest import make_cfg
-
-    data = load_data(make_cfg("data=fashion_mnist", "progress=false").data, progress=False)
+    data = load_data(config("data=fashion_mnist", "progress=false").data, progress=False)
     model = VAE(2, 256).eval()
     x, y = data.test_x, data.test_y.numpy()
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ from tests.conftest import TINY, make_cfg
 from vaeexp.config import settings
 from vaeexp.data import load_data
 from vaeexp.model import VAE
-from vaeexp.step import StepSettings, setup, held_out_losses, train_step
+from vaeexp.step import StepSettings, held_out_losses, setup, train_step
 
 CPU = torch.device("cpu")
 
@@ -31,7 +31,7 @@ def test_evaluation_does_not_touch_training_rng(data):
     before = torch.get_rng_state()
     first = held_out_losses(model, data.test_x, 1.0, 64)
     assert torch.equal(torch.get_rng_state(), before)
-    assert held_out_losses(model, data.test_x, 1.0, 64) == first  # fixed noise: same model, same score
+    assert held_out_losses(model, data.test_x, 1.0, 64) == first  # fixed noise: same score
 
 
 def test_grad_clip_bounds_the_gradient_norm(data):

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vaeexp.paths import default_data_root, default_tracking_uri, parent_run_id, runs_dir
 from vaeexp.paths import sweep_folder as _sweep_folder
@@ -90,7 +90,7 @@ class Binarize(Enum):
 
 @dataclass
 class DataConfig:
-    name: DatasetName = DatasetName.mnist
+    name: DatasetName = MISSING  # set by the data group: data=mnist, data=fashion_mnist, ...
     root: str = "${vaeexp.data_root:}"  # download cache; VAEEXP_DATA overrides
     mirrors: list[str] = field(default_factory=list)
     system_dirs: list[str] = field(default_factory=list)  # read-only copies, e.g. Debian's
@@ -194,6 +194,8 @@ def settings(cfg: DictConfig | Config) -> Config:
     """The typed config (enums and all) that the code past the entry point reads."""
     if isinstance(cfg, Config):
         return cfg
+    if OmegaConf.get_type(cfg) is not Config:  # e.g. a masked copy, as Hydra's callers make
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

@@ -1,8 +1,10 @@
 """Optimizers, including RMSprop with Keras's update rule.
 
 Keras adds eps inside the square root (p -= lr * g / sqrt(v + eps)); torch.optim.RMSprop adds it
-outside (sqrt(v) + eps). Pixels that are almost always 0 keep v near 0, where the two differ by
-orders of magnitude, and on this per-pixel-summed loss that moves the test ELBO by several nats.
+outside (sqrt(v) + eps), and no torch optimizer has Keras's rule, so it is written here. Where
+v is small (pixels that are almost always 0, or the reference's per-pixel objective, whose
+gradients are 784x smaller) the two rules differ by orders of magnitude: that is what makes the
+reference's results depend on the scale of its loss (bench/RESULTS.md, "Parity").
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from vaeexp.config import Binarize, Config
 from vaeexp.data import Dataset
 from vaeexp.model import VAE
 from vaeexp.resumable import Checkpoints, Position, restore_state, save, training_state
-from vaeexp.step import StepSettings, check_finite, setup, held_out_losses, train_step
+from vaeexp.step import StepSettings, check_finite, held_out_losses, setup, train_step
 from vaeexp.stop import StopFlag
 
 log = logging.getLogger(__name__)

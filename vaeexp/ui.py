@@ -6,16 +6,11 @@ import argparse
 import os
 import sys
 
-from vaeexp.paths import default_tracking_uri
+from vaeexp import cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vaeexp.ui", description=__doc__)
-    parser.add_argument(
-        "--uri",
-        default=default_tracking_uri(),
-        help="tracking store (default: MLFLOW_TRACKING_URI or the project's runs/mlflow.db)",
-    )
+    parser = cli.parser("vaeexp.ui", __doc__)
     parser.add_argument(
         "--host",
         default="127.0.0.1",

@@ -1,7 +1,8 @@
 """Reader for MNIST-format IDX files (http://yann.lecun.com/exdb/mnist/), gzipped or raw.
 
 Every header field is checked against the payload, so a truncated download or a file that is not
-IDX fails here with the file's name, not later as a strange shape inside torch.
+IDX fails here with the file's name, not later as a strange shape inside torch. Written by hand:
+torchvision's reader cannot be imported here, and the other readers on PyPI check nothing.
 """
 
 from __future__ import annotations

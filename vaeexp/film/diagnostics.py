@@ -49,4 +49,5 @@ def knn_accuracy(
 
 
 def active_units(means: np.ndarray) -> int:
+    """Latent dimensions whose means vary over the images: the ones the decoder can use."""
     return int((means.astype(np.float64).var(axis=0) > ACTIVE_THRESHOLD).sum())

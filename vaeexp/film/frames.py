@@ -17,7 +17,9 @@ F16_MAX = 65000.0  # means are kept as float16: ample precision to draw, half th
 
 
 class FrameStore:
-    def __init__(self, folder: Path, n_points: int, latent_dim: int):
+    """The frames captured so far, appended to `means.f16` as they come: memory stays flat."""
+
+    def __init__(self, folder: Path, n_points: int, latent_dim: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "means.f16"
         self.shape = (n_points, latent_dim)
@@ -43,6 +45,7 @@ class FrameStore:
         self._f.close()
 
     def save(self, path: Path, labels: np.ndarray, index: np.ndarray, meta: dict) -> Path:
+        """Everything needed to re-render the film, packed into one compressed file."""
         np.savez_compressed(
             path,
             steps=np.array(self.steps, np.int64),
@@ -93,6 +96,7 @@ class Frames:
 
 
 def title(step: int, epoch: int, epochs: int, losses: Sequence[float]) -> str:
+    """A frame's title: where in training it was taken, and the loss of that step's batch."""
     if step == 0:
         return f"step 0, before training  ({epochs} epochs)"
     recon, kl = losses

@@ -16,7 +16,9 @@ from PIL import GifImagePlugin, Image
 
 
 class GifWriter:
-    def __init__(self, path: Path, size: tuple[int, int], palette: bytes, fps: float):
+    """A looping GIF with one global palette, each frame written as it is added."""
+
+    def __init__(self, path: Path, size: tuple[int, int], palette: bytes, fps: float) -> None:
         self.path, self.size, self.palette = path, size, palette.ljust(768, b"\0")[:768]
         self.delay_ms = round(1000 / fps)
         self.frames = 0
@@ -44,7 +46,9 @@ class GifWriter:
 
 
 class Mp4Writer:
-    def __init__(self, path: Path, palette: bytes, fps: float):
+    """An H.264 MP4 of palette frames, through imageio's ffmpeg writer."""
+
+    def __init__(self, path: Path, palette: bytes, fps: float) -> None:
         import imageio.v2 as imageio
 
         self.colours = np.frombuffer(palette.ljust(768, b"\0")[:768], np.uint8).reshape(256, 3)
@@ -62,6 +66,7 @@ class Mp4Writer:
 
 
 def writer(path: Path, size: tuple[int, int], palette: bytes, fps: float) -> GifWriter | Mp4Writer:
+    """The writer for `path`'s suffix: .mp4, else a GIF."""
     if path.suffix == ".mp4":
         return Mp4Writer(path, palette, fps)
     return GifWriter(path, size, palette, fps)

@@ -1,9 +1,11 @@
 """Frames drawn straight into a palette image: one matplotlib template, then numpy per frame.
 
-The reference opens a new matplotlib figure per frame (~0.5 s, never closed). Here matplotlib
-draws the axes, ticks and legend once; each frame copies that template, stamps every point as a
-small disc with numpy, and writes its title with Pillow, in about a millisecond. Frames are
-palette ("P") images sharing one palette, so the GIF needs no per-frame quantisation.
+The reference opens a new matplotlib figure per frame and never closes it: a frame costs a whole
+figure's drawing, and memory grows with every frame. Here matplotlib draws the axes, ticks and
+legend once; each frame copies that template, stamps every point as a small disc with numpy, and
+writes its title with Pillow, so no figure is drawn per frame (timings: bench/RESULTS.md, "The
+latent film"). Frames are palette ("P") images sharing one palette, so the GIF needs no per-frame
+quantisation.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Canvas:
         ylim: tuple[float, float],
         axis_labels: tuple[str, str],
         by_class: bool = False,
-    ):
+    ) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
@@ -170,6 +172,7 @@ class Canvas:
 
 @cache
 def font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """matplotlib's DejaVu Sans, so titles match the axes; Pillow's own font without it."""
     try:
         from matplotlib import font_manager
 
@@ -186,6 +189,7 @@ def title_strip(image: np.ndarray, text: str) -> np.ndarray:
 
 
 def grey_palette() -> bytes:
+    """256 greys: the decoder film's grey images are their own palette indices."""
     return np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1).tobytes()
 
 
@@ -230,6 +234,7 @@ def canvas_for(
     limits: tuple[tuple[float, float], tuple[float, float]],
     class_names: Sequence[str],
 ) -> Canvas:
+    """The canvas for a projection: class names on the y axis for the 1-d film."""
     by_class = projection.kind == "value_by_class"
     return Canvas(class_names, *limits, projection.axis_labels(), by_class=by_class)
 

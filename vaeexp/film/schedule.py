@@ -21,6 +21,7 @@ class Schedule:
         return cls(steps_per_epoch, film.every_step_until, film.every_n_steps, film.until_epoch)
 
     def due(self, step: int) -> bool:
+        """Whether `step` gets a frame."""
         if self.every_step_until is None or step <= self.every_step_until:
             return True
         if step % self.steps_per_epoch == 0:  # each epoch's end

@@ -20,13 +20,14 @@ from vaeexp.config import Config
 from vaeexp.data import Dataset
 from vaeexp.images import EpochImages
 from vaeexp.paths import sweep_folder
+from vaeexp.step import Diverged
 from vaeexp.tracking import record
 from vaeexp.tracking.export import log_models
 from vaeexp.tracking.logger import MlflowLogger
 from vaeexp.tracking.naming import run_name
 from vaeexp.tracking.outbox import DeliveryIncomplete, Outbox
 from vaeexp.tracking.store import experiment_for, last_step, run_exists
-from vaeexp.trainer import Diverged, Result
+from vaeexp.trainer import Result
 
 log = logging.getLogger(__name__)
 
