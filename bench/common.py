@@ -78,7 +78,13 @@ def timed_cli(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, output
 
 
-def write_section(name: str, command: str, reps: int, rows: list[tuple[str, str, str]]) -> None:
+def write_section(
+    name: str,
+    command: str,
+    reps: int,
+    rows: list[tuple[str, str, str]],
+    of: str = "interleaved repetitions",
+) -> None:
     """Rewrite the `<!-- name:start -->...<!-- name:end -->` block of RESULTS.md."""
     table = "\n".join(
         [
@@ -89,7 +95,7 @@ def write_section(name: str, command: str, reps: int, rows: list[tuple[str, str,
     )
     block = (
         f"<!-- {name}:start -->\nLast run: {datetime.now():%Y-%m-%d %H:%M}, `{command}`, on "
-        f"{machine()}; medians of {reps} interleaved repetitions.\n\n{table}\n<!-- {name}:end -->"
+        f"{machine()}; medians of {reps} {of}.\n\n{table}\n<!-- {name}:end -->"
     )
     text = RESULTS.read_text() if RESULTS.exists() else ""
     pattern = rf"<!-- {name}:start -->.*<!-- {name}:end -->"

@@ -79,21 +79,35 @@ def vaeexp_run(seed: int, tmp: Path, *extra: str) -> dict[int, float]:
     return {e: history[e] for e in EPOCHS}
 
 
-def options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keras-python", default=sys.executable, help="a Python with keras, jax")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-
-
-def main() -> None:
-    args = bench_args(__doc__, extra=options)
+def run_all(keras_python: str, seeds: list[int]) -> dict[str, list[dict[int, float]]]:
+    """Each seed's test losses at EPOCHS, per side; also written to parity.json."""
     tmp = Path(tempfile.mkdtemp(prefix="vaeexp-parity-"))
     results: dict[str, list[dict[int, float]]] = {"keras": [], "per_pixel": [], "per_image": []}
-    for seed in args.seeds:  # interleaved, so a slow spell of the machine hits every side
-        results["keras"].append(keras_run(args.keras_python, seed, tmp))
+    for seed in seeds:  # interleaved, so a slow spell of the machine hits every side
+        results["keras"].append(keras_run(keras_python, seed, tmp))
         results["per_pixel"].append(vaeexp_run(seed, tmp))
         results["per_image"].append(vaeexp_run(seed, tmp, "objective_scale=per_image"))
         print({k: v[-1] for k, v in results.items()}, flush=True)
     (tmp / "parity.json").write_text(json.dumps(results))
+    print(f"wrote {tmp / 'parity.json'}")
+    return results
+
+
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keras-python", default=sys.executable, help="a Python with keras, jax")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--from-json", help="tabulate a parity.json an earlier run wrote")
+
+
+def main() -> None:
+    args = bench_args(__doc__, extra=options)
+    if args.from_json:
+        raw = json.loads(Path(args.from_json).read_text())
+        results = {
+            side: [{int(e): v for e, v in r.items()} for r in rs] for side, rs in raw.items()
+        }
+    else:
+        results = run_all(args.keras_python, args.seeds)
 
     def stats(side: str, epoch: int) -> tuple[float, str]:
         values = [r[epoch] for r in results[side]]
@@ -121,7 +135,9 @@ def main() -> None:
     for row in rows:
         print(f"{row[0]:58s} {row[1]:>8s}  {row[2]}")
     if not args.no_write:
-        write_section("parity", "python bench/parity.py", len(args.seeds), rows)
+        n = len(results["keras"])
+        command = "python bench/parity.py --keras-python <a Python with keras and jax>"
+        write_section("parity", command, n, rows, of="seeds (one run each)")
 
 
 if __name__ == "__main__":
