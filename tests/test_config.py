@@ -17,6 +17,8 @@ from vaeexp.config import Binarize, Optimizer
         ("epsilon_std=-1", "epsilon_std=-1.0 is not allowed: must be a finite number >= 0"),
         ("epsilon_std=nan", "epsilon_std=nan is not allowed: must be a finite number >= 0"),
         ("laten_dim=2", "unknown setting 'laten_dim' (did you mean 'latent_dim'?)"),
+        ("+latnet_dim=4", "unknown setting 'latnet_dim' (did you mean 'latent_dim'?)"),
+        ("+film.fpss=4", "unknown setting 'film.fpss' (did you mean 'film.fps'?)"),
         (
             "data=nope",
             "data=nope is not a known choice; allowed: fashion_mnist, kmnist, mnist, mnist_bundled",

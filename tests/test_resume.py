@@ -3,9 +3,11 @@ runs/ folder of the test's own, and run ids in a real SQLite MLflow store."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,23 @@ def test_a_run_id_that_cannot_be_resumed_says_why(runs, tracked):
     with pytest.raises(checkpoint.CheckpointError) as error:
         resolve(untagged, this, runs)
     assert str(error.value) == f"resume={untagged}: the run has no output_dir tag"
+
+
+def test_auto_among_a_thousand_run_folders_reads_only_their_configs(tmp_path, caplog):
+    """Candidates are compared through the small config file beside each checkpoint; only the
+    match is loaded. The other checkpoints here are not even readable: loading one would warn."""
+    runs = tmp_path / "runs"
+    cfg = settings(make_cfg(*TINY))
+    other = plain(settings(make_cfg(*TINY, "latent_dim=3")))
+    for i in range(1000):
+        folder = runs / "outputs" / "2026-01-01" / f"{i:04d}"
+        folder.mkdir(parents=True)
+        (folder / checkpoint.FILENAME).write_bytes(b"not a checkpoint" * 1000)
+        (folder / f"checkpoint{checkpoint.CONFIG_SUFFIX}").write_text(json.dumps(other))
+    match = runs / "multirun" / "2026-01-01" / "00" / "0" / checkpoint.FILENAME
+    checkpoint.save(match, {"config": plain(cfg), "model": {}})
+    start = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        assert latest_matching(cfg, runs) == match
+    assert time.perf_counter() - start < 1.0
+    assert not caplog.records

@@ -39,6 +39,7 @@ def task(cfg: DictConfig) -> float:
     from vaeexp.step import Diverged
 
     steady_memory()  # again here: joblib's and submitit's workers never run main()
+    quiet_mlflow()
     try:
         return _train(cfg)
     except Diverged as e:
@@ -69,6 +70,7 @@ def _train(cfg: DictConfig) -> float:
     from vaeexp.likelihood import iwae_metrics
     from vaeexp.resumable import Checkpoints
     from vaeexp.resume import resolve as resolve_resume
+    from vaeexp.tracking.links import run_summary
     from vaeexp.tracking.run import tracked_run
     from vaeexp.tracking.store import check_reachable
     from vaeexp.trainer import cpu_settings, pick_device, train
@@ -80,13 +82,16 @@ def _train(cfg: DictConfig) -> float:
     check_reachable(typed.tracking.uri)  # seconds, not minutes of retries, before any work
     resume = None
     if typed.resume:
-        path = resolve_resume(typed.resume, typed, Path(typed.paths.runs))
+        path = resolve_resume(
+            typed.resume, typed, Path(typed.paths.runs), Path(hc.runtime.output_dir)
+        )
         if path is None:
             log.info("resume=auto: no checkpoint of this configuration yet; starting afresh")
         else:
             log.info("resuming from %s", path)
             resume = checkpoint.load(path)
-    data = load_data(typed.data, progress=typed.progress)
+    # In a sweep, the launching process has said it once (vaeexp.sweep).
+    data = load_data(typed.data, progress=typed.progress, warn_fallback=not _multirun(hc))
     output_dir = Path(hc.runtime.output_dir)
     ckpt_path = output_dir / checkpoint.FILENAME if typed.checkpoint else None
     with tracked_run(
@@ -109,6 +114,9 @@ def _train(cfg: DictConfig) -> float:
             )
         final = iwae_metrics(result.model, data.test_x, typed.iwae.k, typed.iwae.images)
         run.finish(result, data.test_x, final, ckpt_path)
+    if not _multirun(hc):  # a sweep ends with one summary of its own (vaeexp.sweep)
+        metrics = result.metrics | final
+        print(run_summary(run.name, run.run_id, "finished", metrics, str(output_dir), run.opener()))
     return float(result.metrics["test/loss"])
 
 
@@ -186,9 +194,15 @@ def steady_memory() -> None:
         libc.mallopt(-3, 4 << 20)  # -3: M_MMAP_THRESHOLD
 
 
+def quiet_mlflow() -> None:
+    """No progress bars of MLflow's own between our log lines (a user's setting wins)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def main() -> None:
     """Console entry point. HYDRA_FULL_ERROR=1 or VAEEXP_TRACEBACK=1 show full tracebacks."""
     steady_memory()
+    quiet_mlflow()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a scheduler's stop ends the run KILLED
         signal.signal(sig, _on_signal)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from vaeexp.model import VAE
 FORMAT = "vaeexp.checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
+CONFIG_SUFFIX = ".json"  # checkpoint.json beside checkpoint.pt: its config, for resume=auto
 
 
 class CheckpointError(RuntimeError):
@@ -33,6 +35,8 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if "config" in state:
+            _write_atomically(path.with_suffix(CONFIG_SUFFIX), json.dumps(state["config"]))
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
         free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
         raise CheckpointError(
@@ -42,6 +46,27 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def saved_config(path: str | Path) -> dict[str, Any] | None:
+    """The config of the checkpoint at `path` from the small file beside it, without loading
+    the checkpoint; None where there is none (a checkpoint written before it was kept)."""
+    try:
+        config = json.loads(Path(path).with_suffix(CONFIG_SUFFIX).read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def locate(path: str | Path) -> Path:

@@ -7,14 +7,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent  # a clone's root; site-packages for an installed wheel
+# Run from a clone (`pip install -e .` included), configs are the clone's conf/ and outputs go
+# to its runs/. Installed from a wheel, configs ship inside the package (built from conf/, one
+# copy) and outputs go to the working folder's runs/: never inside the installed package.
+IN_CLONE = (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "conf").is_dir()
+CONF_DIR = PROJECT_ROOT / "conf" if IN_CLONE else PACKAGE_DIR / "conf"
 PARENT_FILE = "mlflow_parent_run_id"  # in a sweep's folder: the id of its MLflow parent run
 
 
 def runs_dir() -> Path:
-    """All outputs of the project land here, whatever the working folder."""
-    return Path(os.environ.get("VAEEXP_RUNS") or PROJECT_ROOT / "runs").resolve()
+    """All outputs land here: VAEEXP_RUNS, else a clone's runs/ (whatever the working folder),
+    else runs/ in the working folder."""
+    default = PROJECT_ROOT / "runs" if IN_CLONE else Path.cwd() / "runs"
+    return Path(os.environ.get("VAEEXP_RUNS") or default).resolve()
 
 
 def default_tracking_uri() -> str:

@@ -16,9 +16,14 @@ from vaeexp.config import RUN_ID, Config, plain, resume_identity
 log = logging.getLogger(__name__)
 
 
-def resolve(spec: str, cfg: Config, runs_dir: Path) -> Path | None:
-    """The checkpoint file to resume from; None for `auto` with nothing to continue."""
+def resolve(spec: str, cfg: Config, runs_dir: Path, output_dir: Path | None = None) -> Path | None:
+    """The checkpoint file to resume from; None for `auto` with nothing to continue. `auto`
+    looks first in this job's own folder (a re-launched `hydra.run.dir=X`), then under runs/."""
     if spec == "auto":
+        wanted = resume_identity(plain(cfg))
+        own = output_dir / checkpoint.FILENAME if output_dir else None
+        if own is not None and own.is_file() and _matches(own, wanted):
+            return own
         return latest_matching(cfg, runs_dir)
     if RUN_ID.fullmatch(spec) and not Path(spec).exists():
         return _from_run_id(spec, cfg.tracking.uri)
@@ -26,6 +31,8 @@ def resolve(spec: str, cfg: Config, runs_dir: Path) -> Path | None:
 
 
 def latest_matching(cfg: Config, runs_dir: Path) -> Path | None:
+    """The newest checkpoint under runs/ that trains what `cfg` trains. Each is compared through
+    the small config file beside it; only a match is loaded (to check it is whole)."""
     wanted = resume_identity(plain(cfg))
     candidates = sorted(
         (
@@ -36,15 +43,19 @@ def latest_matching(cfg: Config, runs_dir: Path) -> Path | None:
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
-    for path in candidates:
-        try:
-            saved = checkpoint.load(path).get("config", {})
-        except checkpoint.CheckpointError as e:
-            log.warning("resume=auto: skipping %s", e)
-            continue
-        if resume_identity(saved) == wanted:
-            return path
-    return None
+    return next((path for path in candidates if _matches(path, wanted)), None)
+
+
+def _matches(path: Path, wanted: dict) -> bool:
+    saved = checkpoint.saved_config(path)
+    if saved is not None and resume_identity(saved) != wanted:
+        return False
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        log.warning("resume=auto: skipping %s", e)
+        return False
+    return resume_identity(state.get("config", {})) == wanted
 
 
 def _from_run_id(run_id: str, uri: str) -> Path:
@@ -53,8 +64,15 @@ def _from_run_id(run_id: str, uri: str) -> Path:
 
     try:
         run = MlflowClient(uri).get_run(run_id)
-    except MlflowException:
-        raise checkpoint.CheckpointError(f"resume={run_id}: no such MLflow run in {uri}") from None
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise checkpoint.CheckpointError(
+                f"resume={run_id}: no such MLflow run in {uri}"
+            ) from None
+        reason = str(e).splitlines()[0][:200]
+        raise checkpoint.CheckpointError(
+            f"resume={run_id}: cannot ask {uri} for the run ({reason})"
+        ) from None
     folder = run.data.tags.get("output_dir")
     if not folder:
         raise checkpoint.CheckpointError(f"resume={run_id}: the run has no output_dir tag")

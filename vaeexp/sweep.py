@@ -46,11 +46,25 @@ class SweepRun(Callback):
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(overrides))
         (folder / PARENT_FILE).write_text(run.info.run_id)
         log.info("sweep parent run %s in %s", run.info.run_id, uri)
+        self._resolve_data_once(config)
+
+    @staticmethod
+    def _resolve_data_once(config: DictConfig) -> None:
+        """MNIST may fall back to the bundled digits: find out (and download) once here, so a
+        sweep warns once, not once per job; its jobs then find the files in the cache."""
+        if config.data.name.value != "mnist" or not config.data.fallback:
+            return
+        from omegaconf import OmegaConf
+
+        from vaeexp.data import load_data
+
+        load_data(OmegaConf.to_object(config.data), progress=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
         from vaeexp.compare import report
+        from vaeexp.tracking.links import how_to_open
 
         parent = parent_run_id(Path(config.hydra.sweep.dir))
         if parent is None:
@@ -68,9 +82,9 @@ class SweepRun(Callback):
             client.log_metric(parent, "best_test_loss", best.data.metrics["test/loss"])
         failed = len(children) - len(finished)
         client.set_tag(parent, "children", f"{len(children)} ({failed} not finished)")
+        out = Path(config.hydra.sweep.dir) / "report"
         if children:
             try:  # Hydra would turn an exception here into a warning: say it plainly instead
-                out = Path(config.hydra.sweep.dir) / "report"
                 report(client, out, parent=parent)
                 log.info(
                     "sweep report: %s (logged to the parent run's report/)", out / "report.html"
@@ -78,3 +92,15 @@ class SweepRun(Callback):
             except Exception as e:
                 log.error("the sweep's comparison report failed: %s: %s", type(e).__name__, e)
         client.set_terminated(parent, "FINISHED" if children and not failed else "FAILED")
+        best_line = (
+            f"best {best.info.run_name} ({best.info.run_id}), test loss "
+            f"{best.data.metrics['test/loss']:.2f} nats per image"
+            if finished
+            else "no run finished"
+        )
+        print(
+            f"vaeexp: sweep of {len(children)} runs ({failed} not finished), parent run {parent}\n"
+            f"  {best_line}\n"
+            f"  report: {out / 'report.html'}\n"
+            f"  open:   {how_to_open(config.tracking.uri, experiment, parent)}"
+        )

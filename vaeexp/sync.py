@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.folder / MANIFEST).is_file():
         sys.exit(f"vaeexp.sync: error: {args.folder / MANIFEST} not found: nothing to deliver")
-    box = sync(args.folder, args.uri)
+    try:
+        box = sync(args.folder, args.uri)
+    except checkpoint.CheckpointError as e:  # the models are rebuilt from the run's checkpoint
+        sys.exit(f"vaeexp.sync: error: {e}")
     if box.pending():
         sys.exit(
             f"vaeexp.sync: error: {box.uri} still does not take {box.pending()}; "

@@ -7,6 +7,7 @@ import os
 import sys
 
 from vaeexp import cli
+from vaeexp.tracking.links import ui_link
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,18 +37,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def page_url(args: argparse.Namespace) -> str:
-    """The experiment's runs, in the UI's model-training view: MLflow 3.17 otherwise opens its
-    GenAI view, whatever the experiment's kind tag says, until the user flips the toggle."""
-    base = f"http://{args.host}:{args.port}/#/experiments"
+    """The experiment's runs, in the UI's model-training view."""
     try:
         from mlflow.tracking import MlflowClient
 
         experiment = MlflowClient(args.uri).get_experiment_by_name(args.experiment)
     except Exception:  # no store yet, or a server not up: the list page still works
         experiment = None
-    if experiment is not None:
-        base += f"/{experiment.experiment_id}"
-    return base + "?workflowType=machine_learning"
+    base = f"http://{args.host}:{args.port}"
+    if experiment is None:
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    return ui_link("", experiment.experiment_id, base=base)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,10 @@ _RULES: list[tuple[str, object, str]] = [
 
 def validate(cfg: DictConfig) -> None:
     """Refuse values no run can use; raises ConfigError with a one-line message."""
+    known = set(_all_keys(OmegaConf.structured(Config)))
+    for key in _all_keys(cfg):  # `+key=value` adds keys the schema does not know
+        if key not in known:
+            raise ConfigError(unknown_setting(key, known))
     for key, ok, allowed in _RULES:
         value = OmegaConf.select(cfg, key)
         if not ok(value):
@@ -100,10 +104,7 @@ def explain(exc: BaseException) -> str:
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     key = getattr(cause, "full_key", None)
     if isinstance(cause, ConfigKeyError | ConfigAttributeError) and key:
-        known = _all_keys(OmegaConf.structured(Config))
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown setting '{key}'{hint}; `python -m vaeexp --cfg job` lists them all"
+        return unknown_setting(key, _all_keys(OmegaConf.structured(Config)))
     msg = _first_line(getattr(cause, "msg", None) or str(cause))
     if key:
         m = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", msg)
@@ -118,6 +119,12 @@ def explain(exc: BaseException) -> str:
             return f"{key}={m.group(1)} is not allowed: must be true or false"
         return f"{key}: {msg}"
     return _first_line(str(exc))
+
+
+def unknown_setting(key: str, known: set[str] | list[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown setting '{key}'{hint}; `python -m vaeexp --cfg job` lists them all"
 
 
 def _first_line(text: str) -> str:

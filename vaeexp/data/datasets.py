@@ -86,14 +86,18 @@ class Dataset:
         return f"{self.resolved}: {n_train} train / {n_test} test from {self.source}"
 
 
-def load_data(cfg: DataConfig, progress: bool = True) -> Dataset:
+def load_data(cfg: DataConfig, progress: bool = True, warn_fallback: bool = True) -> Dataset:
+    """The configured data; `warn_fallback=False` says a fallback in one line, not a banner (a
+    sweep's jobs: the launching process has warned once)."""
     name = DatasetName(cfg.name).value
-    data = _bundled() if name == "mnist_bundled" else _idx_dataset(cfg, name, progress)
+    data = (
+        _bundled() if name == "mnist_bundled" else _idx_dataset(cfg, name, progress, warn_fallback)
+    )
     data = _limit(data, cfg.train_limit, cfg.test_limit)
     return _binarize(data, Binarize(cfg.binarize))
 
 
-def _idx_dataset(cfg: DataConfig, name: str, progress: bool) -> Dataset:
+def _idx_dataset(cfg: DataConfig, name: str, progress: bool, warn_fallback: bool) -> Dataset:
     cache = Path(os.path.expanduser(cfg.root)) / name
     for folder in [cache, *map(Path, cfg.system_dirs)]:
         paths = _find_files(folder)
@@ -114,6 +118,9 @@ def _idx_dataset(cfg: DataConfig, name: str, progress: bool) -> Dataset:
                 f"data.root={cfg.root}: cannot write the download cache ({e}); point data.root "
                 "(or VAEEXP_DATA) at a writable folder"
             ) from None
+    if name == "mnist" and cfg.fallback and not warn_fallback:
+        log.info("full MNIST is not available: training on the bundled digits (mnist_bundled)")
+        return _bundled()
     if name == "mnist" and cfg.fallback:
         log.warning(
             "\n" + "!" * 78 + "\n"

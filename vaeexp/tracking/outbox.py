@@ -120,8 +120,13 @@ class Outbox:
                 return False
             del self.metrics[:1000]
         for image in list(self.images):
-            with Image.open(image["path"]) as kept:
-                pixels = kept.copy()  # a palette image stays one, with its colours
+            try:
+                with Image.open(image["path"]) as kept:
+                    pixels = kept.copy()  # a palette image stays one, with its colours
+            except OSError as e:  # removed or damaged on disk: nothing left to send
+                log.warning("a kept image is gone, not delivered: %s", e)
+                self.images.remove(image)
+                continue
             if not self.call(
                 "logging an image",
                 self.client.log_image,

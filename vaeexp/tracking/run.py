@@ -23,6 +23,7 @@ from vaeexp.paths import sweep_folder
 from vaeexp.step import Diverged
 from vaeexp.tracking import record
 from vaeexp.tracking.export import log_models
+from vaeexp.tracking.links import how_to_open
 from vaeexp.tracking.logger import MlflowLogger
 from vaeexp.tracking.naming import run_name
 from vaeexp.tracking.outbox import DeliveryIncomplete, Outbox
@@ -35,10 +36,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrackedRun:
     run_id: str
+    name: str
+    experiment_id: str
     logger: MlflowLogger  # the film's sink
     outbox: Outbox
     log_model: bool
     hooks: list[Any] = field(default_factory=list)  # the trainer's: the logger, epoch images
+
+    def opener(self) -> str:
+        """How to open this run in the MLflow UI."""
+        return how_to_open(self.outbox.uri, self.experiment_id, self.run_id)
 
     def finish(
         self,
@@ -104,7 +111,15 @@ def tracked_run(
             else (0, 0)
         )
         logger = MlflowLogger(outbox, *done)
-        tracked = TrackedRun(run_id, logger, outbox, tracking.log_model, [logger])
+        tracked = TrackedRun(
+            run_id,
+            run.info.run_name,
+            run.info.experiment_id,
+            logger,
+            outbox,
+            tracking.log_model,
+            [logger],
+        )
         if tracking.log_images:
             tracked.hooks.append(
                 EpochImages(logger.log_image, data.test_x, cfg.latent_dim, device, done[1])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -19,9 +22,20 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or written; the message names the URI."""
 
 
+# The schemes MLflow's tracking client takes (a plain path is a file store).
+SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+ALLOWED = "sqlite:///<path>.db, http(s)://<server>, postgresql://..., mysql://..., file:<folder>"
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds when a tracking server does not answer (MLflow's own client would retry
-    for minutes), and make sure a local store's folder exists."""
+    """Fail in seconds, with one line naming the URI, when MLflow could not use the store: an
+    unknown scheme, a SQLite file that is not an MLflow store, a server that does not answer
+    (MLflow's own client would retry for minutes). Makes sure a local store's folder exists."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme and scheme.split("+")[0] not in SCHEMES and not Path(uri).is_absolute():
+        raise TrackingUnavailable(
+            f"tracking.uri={uri}: MLflow does not know the scheme '{scheme}'; allowed: {ALLOWED}"
+        )
     if uri.startswith(("http://", "https://")):
         fail_fast_over_http()
         try:
@@ -40,6 +54,27 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingUnavailable(f"tracking.uri={uri}: cannot create {folder} ({e})") from None
+        _check_sqlite_store(uri, Path(uri.removeprefix("sqlite:///")))
+
+
+def _check_sqlite_store(uri: str, path: Path) -> None:
+    """An existing, non-empty SQLite file must be an MLflow store: MLflow would otherwise fail
+    deep inside SQLAlchemy, or add its tables to someone else's database."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError:
+        raise TrackingUnavailable(
+            f"tracking.uri={uri}: {path} is not a SQLite database; point tracking.uri at an "
+            "MLflow store or a new file (sqlite:///<path>.db)"
+        ) from None
+    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+        raise TrackingUnavailable(
+            f"tracking.uri={uri}: {path} is a SQLite database but not an MLflow store; point "
+            "tracking.uri at an MLflow store or a new file (sqlite:///<path>.db)"
+        )
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
