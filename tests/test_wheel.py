@@ -98,3 +98,14 @@ def test_a_run_and_a_sweep_from_an_empty_folder(venv: Path, tmp_path: Path):
 def test_the_ui_command_is_there(venv: Path, tmp_path: Path):
     ui = _run(venv, tmp_path, "-m", "vaeexp.ui", "--help")
     assert ui.returncode == 0 and "--uri" in ui.stdout
+
+
+def test_users_add_configs_with_config_dir(venv: Path, tmp_path: Path):
+    mine = tmp_path / "mine" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "small.yaml").write_text("# @package _global_\nlatent_dim: 7\nepochs: 3\n")
+    composed = _run(
+        venv, tmp_path, "-m", "vaeexp", "--config-dir", "mine", "experiment=small", "--cfg", "job"
+    )
+    assert composed.returncode == 0, composed.stderr[-2000:]
+    assert "latent_dim: 7" in composed.stdout and "epochs: 3" in composed.stdout

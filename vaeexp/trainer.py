@@ -106,7 +106,10 @@ def train(
     first_step = pos.step + 1
     if film is not None and pos.step == 0:
         film.capture(0, 0, model, None, None)  # the untrained latent space
-    with stop.armed(), logging_redirect_tqdm():
+    # Log lines go above the bar, not through it: the root logger's handlers (Hydra's) and
+    # MLflow's own, which does not propagate.
+    redirected = [logging.root, logging.getLogger("mlflow")]
+    with stop.armed(), logging_redirect_tqdm(loggers=redirected):
         while pos.epoch < cfg.epochs:
             started = time.perf_counter()
             order = torch.Generator().manual_seed(cfg.seed * 100_003 + pos.epoch)  # stateless
