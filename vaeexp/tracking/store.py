@@ -23,7 +23,7 @@ class TrackingUnavailable(RuntimeError):
 
 
 # The schemes MLflow's tracking client takes (a plain path is a file store).
-SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "uc")
 ALLOWED = "sqlite:///<path>.db, http(s)://<server>, postgresql://..., mysql://..., file:<folder>"
 
 
