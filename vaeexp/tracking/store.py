@@ -32,7 +32,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     unknown scheme, a SQLite file that is not an MLflow store, a server that does not answer
     (MLflow's own client would retry for minutes). Makes sure a local store's folder exists."""
     scheme = urllib.parse.urlsplit(uri).scheme
-    if scheme and scheme.split("+")[0] not in SCHEMES and not Path(uri).is_absolute():
+    family = scheme.split("+")[0].split("-")[0]  # postgresql+psycopg, databricks-uc
+    if scheme and family not in SCHEMES and not Path(uri).is_absolute():
         raise TrackingUnavailable(
             f"tracking.uri={uri}: MLflow does not know the scheme '{scheme}'; allowed: {ALLOWED}"
         )
