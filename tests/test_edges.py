@@ -67,3 +67,11 @@ def test_resume_auto_in_a_run_folder_of_ones_own(tmp_path):
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")]
     assert steps == [1, 2]  # epoch 1 once, then epoch 2: continued, not retrained
+
+
+def test_a_sweep_with_a_tracking_uri_mlflow_cannot_use(tmp_path):
+    env = env_for(tmp_path)
+    result = run_cli("-m", "latent_dim=2,3", *QUICK, "tracking.uri=nosuch://host/db", env=env)
+    _one_clean_line(result, "tracking.uri=nosuch://host/db", "scheme 'nosuch'")
+    assert "Launching" not in result.stdout  # stopped before any job
+    _no_store_anywhere(tmp_path)

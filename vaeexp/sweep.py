@@ -9,6 +9,7 @@ the folder), so no environment variable has to reach the workers.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,14 @@ class SweepRun(Callback):
         from mlflow.tracking import MlflowClient
 
         from vaeexp.tracking.naming import run_name
-        from vaeexp.tracking.store import check_reachable, experiment_for
+        from vaeexp.tracking.store import TrackingUnavailable, check_reachable, experiment_for
 
         uri = config.tracking.uri
-        check_reachable(uri)
+        try:
+            check_reachable(uri)
+        except TrackingUnavailable as e:  # Hydra would turn it into a warning and launch anyway
+            print(f"vaeexp: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
         client = MlflowClient(uri)
         experiment = experiment_for(client, config.tracking)
         folder = Path(config.hydra.sweep.dir)
