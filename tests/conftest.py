@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -161,3 +162,43 @@ def mlflow_server(root: Path, port: int) -> subprocess.Popen:
             time.sleep(0.5)
     proc.kill()
     raise AssertionError("mlflow server did not come up")
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite MLflow store, made once a session: its schema migrations take seconds,
+    a copy does not."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, empty_db: Path):
+    """(client, uri) of a real, empty SQLite MLflow store of this test's own."""
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return MlflowClient(uri), uri
+
+
+@pytest.fixture
+def working(mlflow_store, tmp_path: Path):
+    """(client, uri, run id) of a running run in a store of this test's own."""
+    client, uri = mlflow_store
+    experiment = client.create_experiment("vaeexp", str(tmp_path / "mlartifacts"))
+    return client, uri, client.create_run(experiment).info.run_id
+
+
+@pytest.fixture
+def down(monkeypatch: pytest.MonkeyPatch):
+    """(client, uri) of a tracking server that is not there: every call is refused at once."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    uri = f"http://127.0.0.1:{free_port()}"
+    return MlflowClient(uri), uri

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -92,24 +91,10 @@ def test_a_run_folder_or_a_checkpoint_resolves_to_the_file(runs, tmp_path):
         resolve(str(tmp_path), cfg(), runs)
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    """An empty SQLite store, made once a session (test_outbox, test_resume and test_sync share
-    it): its schema migrations take seconds, a copy does not."""
-    path = tmp_path_factory.getbasetemp() / "empty-mlflow.db"
-    if not path.exists():
-        fresh = tmp_path_factory.mktemp("empty-mlflow") / "mlflow.db"
-        MlflowClient(f"sqlite:///{fresh}").search_experiments()
-        shutil.copy(fresh, path)
-    return path
-
-
 @pytest.fixture
-def tracked(runs: Path, tmp_path: Path, empty_db: Path) -> tuple[MlflowClient, str, str]:
+def tracked(runs: Path, mlflow_store: tuple[MlflowClient, str], tmp_path: Path):
     """(client, uri, experiment id) of a store of this test's own."""
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client, uri = mlflow_store
     return client, uri, client.create_experiment("vaeexp", str(tmp_path / "mlartifacts"))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import TINY, free_port, make_cfg
+from tests.conftest import TINY, make_cfg
 from vaeexp import checkpoint
 from vaeexp.config import plain, settings
 from vaeexp.model import VAE
@@ -23,37 +22,6 @@ from vaeexp.tracking.outbox import MANIFEST, Outbox
 
 GREY = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28).astype(np.uint8)
 POINTS = [Metric("test/loss", 200.0 - e, 1_700_000_000_000 + e, e) for e in (1, 2, 3)]
-
-
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    """An empty SQLite store, made once a session (test_outbox, test_resume and test_sync share
-    it): its schema migrations take seconds, a copy does not."""
-    path = tmp_path_factory.getbasetemp() / "empty-mlflow.db"
-    if not path.exists():
-        fresh = tmp_path_factory.mktemp("empty-mlflow") / "mlflow.db"
-        MlflowClient(f"sqlite:///{fresh}").search_experiments()
-        shutil.copy(fresh, path)
-    return path
-
-
-@pytest.fixture
-def working(tmp_path: Path, empty_db: Path) -> tuple[MlflowClient, str, str]:
-    """(client, uri, run id) of a running run in a store of this test's own."""
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("vaeexp", str(tmp_path / "mlartifacts"))
-    return client, uri, client.create_run(experiment).info.run_id
-
-
-@pytest.fixture
-def down(monkeypatch: pytest.MonkeyPatch) -> tuple[MlflowClient, str]:
-    """(client, uri) of a tracking server that is not there: every call is refused at once."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    uri = f"http://127.0.0.1:{free_port()}"
-    return MlflowClient(uri), uri
 
 
 def failed_run(folder: Path, down, run_id: str, models: bool, lost_log: bool = False) -> None:
