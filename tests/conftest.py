@@ -129,8 +129,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real tracking server on 127.0.0.1 with its own SQLite store and artifact folder."""
+def mlflow_server(root: Path, port: int, backend: str | None = None) -> subprocess.Popen:
+    """A real tracking server on 127.0.0.1 with its own store (SQLite unless `backend` names a
+    database) and artifact folder, which it serves."""
     import urllib.request
 
     proc = subprocess.Popen(
@@ -144,7 +145,7 @@ def mlflow_server(root: Path, port: int) -> subprocess.Popen:
             "--port",
             str(port),
             "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
+            backend or f"sqlite:///{root / 'server.db'}",
             "--artifacts-destination",
             str(root / "artifacts"),
         ],

@@ -23,7 +23,7 @@ LAYERS = [
     ["vaeexp.step", "vaeexp.resumable"],
     ["vaeexp.trainer"],
     ["vaeexp.tracking", "vaeexp.film", "vaeexp.resume"],
-    ["vaeexp.compare"],
+    ["vaeexp.compare", "vaeexp.slurm"],
     ["vaeexp.sweep"],
     ["vaeexp.app", "vaeexp.iwae", "vaeexp.sync", "vaeexp.ui"],
     ["vaeexp.__main__"],

@@ -22,15 +22,26 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from vaeexp.config import register, settings
-from vaeexp.paths import CONF_DIR
-from vaeexp.stop import StopFlag
+from vaeexp.paths import CONF_DIR, earlier_sweeps, sweep_folder
+from vaeexp.stop import STOP
 from vaeexp.validate import ConfigError, explain, validate
 
+
+def register_launcher() -> None:
+    """Hydra finds launchers by listing the `hydra_plugins` namespace, which an editable
+    install's import hook does not list: register vaeexp's (`hydra/launcher=slurm`) by hand."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.vaeexp_launcher import SlurmLauncher
+
+    Plugins.instance().register(SlurmLauncher)
+
+
 register()
+register_launcher()
 log = logging.getLogger(__name__)
 
 DIVERGED_PENALTY = 1e4  # nats: worse than any run that trained, an untrained one included
-STOP = StopFlag()  # requested by the signal handler, checked by the training loop
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -72,7 +83,7 @@ def _train(cfg: DictConfig) -> float:
     from vaeexp.resume import resolve as resolve_resume
     from vaeexp.tracking.links import run_summary
     from vaeexp.tracking.run import tracked_run
-    from vaeexp.tracking.store import check_reachable
+    from vaeexp.tracking.store import check_reachable, finished_run
     from vaeexp.trainer import cpu_settings, pick_device, train
 
     typed = settings(cfg)
@@ -82,14 +93,26 @@ def _train(cfg: DictConfig) -> float:
     check_reachable(typed.tracking.uri)  # seconds, not minutes of retries, before any work
     resume = None
     if typed.resume:
+        sweep = sweep_folder()  # a sweep's job continues only its own sweep's runs
         path = resolve_resume(
-            typed.resume, typed, Path(typed.paths.runs), Path(hc.runtime.output_dir)
+            typed.resume,
+            typed,
+            Path(typed.paths.runs),
+            Path(hc.runtime.output_dir),
+            earlier_sweeps(sweep) if sweep else None,
         )
         if path is None:
             log.info("resume=auto: no checkpoint of this configuration yet; starting afresh")
         else:
             log.info("resuming from %s", path)
             resume = checkpoint.load(path)
+            done = finished_run(typed.tracking.uri, resume, typed.epochs)
+            if done:
+                print(
+                    f"vaeexp: {done} ({resume['mlflow_run_id']}) already trained its "
+                    f"{resume['epoch']} epochs and finished: nothing to train"
+                )
+                return float(resume["metrics"]["test/loss"])
     # In a sweep, the launching process has said it once (vaeexp.sweep).
     data = load_data(typed.data, progress=typed.progress, warn_fallback=not _multirun(hc))
     output_dir = Path(hc.runtime.output_dir)
@@ -212,6 +235,9 @@ def main() -> None:
         task()
     except KeyboardInterrupt:
         print("vaeexp: interrupted; an MLflow run it had started is marked KILLED", file=sys.stderr)
+        from vaeexp.sweep import interrupted
+
+        interrupted()
         sys.exit(130)
     except _user_errors() as e:
         if os.environ.get("VAEEXP_TRACEBACK") == "1":

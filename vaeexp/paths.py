@@ -15,6 +15,7 @@ PROJECT_ROOT = PACKAGE_DIR.parent  # a clone's root; site-packages for an instal
 IN_CLONE = (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "conf").is_dir()
 CONF_DIR = PROJECT_ROOT / "conf" if IN_CLONE else PACKAGE_DIR / "conf"
 PARENT_FILE = "mlflow_parent_run_id"  # in a sweep's folder: the id of its MLflow parent run
+EARLIER_FILE = "earlier_sweeps"  # in a resumed sweep's folder: those it continues, a line each
 
 
 def runs_dir() -> Path:
@@ -48,3 +49,11 @@ def parent_run_id(folder: Path | None) -> str | None:
     """The parent run id a sweep's callback left in `folder`; None if there is none."""
     path = folder / PARENT_FILE if folder else None
     return path.read_text().strip() if path and path.is_file() else None
+
+
+def earlier_sweeps(folder: Path | None) -> list[Path]:
+    """The folders of the sweeps that `folder` continues (`resume=auto`), newest first."""
+    path = folder / EARLIER_FILE if folder else None
+    if not path or not path.is_file():
+        return []
+    return [Path(line) for line in path.read_text().splitlines() if line.strip()]

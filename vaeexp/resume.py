@@ -2,12 +2,15 @@
 
 `auto` picks the newest checkpoint under the project's runs/ whose configuration is this one's,
 ignoring settings that do not change what is trained (where it is logged, how many epochs are
-asked for, progress bars...), so re-launching the same command continues where it stopped.
+asked for, progress bars...), so re-launching the same command continues where it stopped. A
+sweep's job looks only in its own folder and in the sweeps its sweep continues (vaeexp.sweep):
+its runs belong to that sweep's parent, and another sweep's run of the same settings does not.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from vaeexp import checkpoint
@@ -16,14 +19,26 @@ from vaeexp.config import RUN_ID, Config, plain, resume_identity
 log = logging.getLogger(__name__)
 
 
-def resolve(spec: str, cfg: Config, runs_dir: Path, output_dir: Path | None = None) -> Path | None:
+def resolve(
+    spec: str,
+    cfg: Config,
+    runs_dir: Path,
+    output_dir: Path | None = None,
+    sweeps: list[Path] | None = None,
+) -> Path | None:
     """The checkpoint file to resume from; None for `auto` with nothing to continue. `auto`
-    looks first in this job's own folder (a re-launched `hydra.run.dir=X`), then under runs/."""
+    looks first in this job's own folder (a re-launched `hydra.run.dir=X`, a requeued job), then
+    in `sweeps` (the earlier folders of a resumed sweep) if this is a sweep's job, else under
+    runs/."""
     if spec == "auto":
         wanted = resume_identity(plain(cfg))
         own = output_dir / checkpoint.FILENAME if output_dir else None
         if own is not None and own.is_file() and _matches(own, wanted):
             return own
+        if sweeps is not None:
+            return _newest_match(
+                (p for folder in sweeps for p in folder.glob(f"*/{checkpoint.FILENAME}")), wanted
+            )
         return latest_matching(cfg, runs_dir)
     if RUN_ID.fullmatch(spec) and not Path(spec).exists():
         return _from_run_id(spec, cfg.tracking.uri)
@@ -33,16 +48,18 @@ def resolve(spec: str, cfg: Config, runs_dir: Path, output_dir: Path | None = No
 def latest_matching(cfg: Config, runs_dir: Path) -> Path | None:
     """The newest checkpoint under runs/ that trains what `cfg` trains. Each is compared through
     the small config file beside it; only a match is loaded (to check it is whole)."""
-    wanted = resume_identity(plain(cfg))
-    candidates = sorted(
+    return _newest_match(
         (
             p
             for sub in ("outputs", "multirun")
             for p in (runs_dir / sub).glob(f"**/{checkpoint.FILENAME}")
         ),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
+        resume_identity(plain(cfg)),
     )
+
+
+def _newest_match(paths: Iterable[Path], wanted: dict) -> Path | None:
+    candidates = sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
     return next((path for path in candidates if _matches(path, wanted)), None)
 
 

@@ -8,6 +8,8 @@ the folder), so no environment variable has to reach the workers.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -16,9 +18,106 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vaeexp.paths import PARENT_FILE, parent_run_id
+from vaeexp.config import NOT_RESUME_IDENTITY
+from vaeexp.paths import EARLIER_FILE, PARENT_FILE, earlier_sweeps, parent_run_id
 
 log = logging.getLogger(__name__)
+
+
+_CURRENT: dict[str, str] = {}  # this process's sweep: its store and parent run (interrupted())
+
+
+def sweep_identity(overrides: list[str]) -> str:
+    """What makes two sweep commands one sweep for `resume=auto`: their overrides, less those
+    that change nothing trained (config.NOT_RESUME_IDENTITY: where it logs, epochs...)."""
+    kept = sorted(
+        o
+        for o in overrides
+        if not any(
+            (key := o.lstrip("+~").split("=", 1)[0]) == k or key.startswith(f"{k}.")
+            for k in NOT_RESUME_IDENTITY
+        )
+    )
+    return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:16]
+
+
+def interrupted() -> None:
+    """After Ctrl-C or SIGTERM in a sweep's launching process: its parent run is KILLED, and the
+    line says how to continue it."""
+    parent, uri = _CURRENT.get("parent"), _CURRENT.get("uri")
+    if not parent:
+        return
+    from mlflow.tracking import MlflowClient
+
+    with contextlib.suppress(Exception):  # a store that is down must not hide the next line
+        MlflowClient(uri).set_terminated(parent, "KILLED")
+    again = " ".join(["python -m vaeexp", *sys.argv[1:]])
+    if "resume=auto" not in sys.argv:
+        again += " resume=auto"
+    print(
+        f"vaeexp: sweep interrupted; its parent run {parent} is KILLED. To continue it (finished "
+        f"jobs are kept, stopped ones continue from their checkpoints): {again}",
+        file=sys.stderr,
+    )
+
+
+def _earlier_parent(client: Any, experiment: str, identity: str) -> Any:
+    found = client.search_runs(
+        [experiment],
+        f"tags.sweep_identity = '{identity}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def _continue(client: Any, run: Any, folder: Path) -> str:
+    """Make `folder` continue the sweep of parent `run`: its jobs will look for their checkpoints
+    in the earlier sweep folders, and their runs stay children of the same parent."""
+    last = Path(run.data.tags.get("sweep", ""))
+    earlier = [last, *earlier_sweeps(last)] if last.name else []
+    (folder / EARLIER_FILE).write_text("".join(f"{p}\n" for p in earlier))
+    client.set_tag(run.info.run_id, "sweep", str(folder))
+    client.update_run(run.info.run_id, status="RUNNING")
+    _drop_unfinished_without_checkpoint(client, run, folder)
+    log.info(
+        "resume=auto: continuing the sweep of parent run %s (%s)", run.info.run_id, last or "?"
+    )
+    return run.info.run_id
+
+
+def _drop_unfinished_without_checkpoint(client: Any, parent: Any, folder: Path) -> None:
+    """A job stopped before its first checkpoint starts afresh in the resumed sweep, in a new
+    run: its old run would stand beside it as a second, unfinished child. Delete it (MLflow
+    keeps deleted runs restorable) and say why in a tag."""
+    from vaeexp.checkpoint import FILENAME
+
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    for child in children:
+        ckpt = Path(child.data.tags.get("output_dir", "")) / FILENAME
+        if child.info.status != "FINISHED" and not ckpt.is_file():
+            reason = f"stopped before its first checkpoint; trained afresh by the sweep in {folder}"
+            client.set_tag(child.info.run_id, "superseded", reason)
+            client.delete_run(child.info.run_id)
+            log.info("resume=auto: run %s %s", child.info.run_name, reason)
+
+
+def _check_launcher(config: DictConfig) -> None:
+    """A SLURM request no node can hold stops here, before the parent run exists."""
+    from omegaconf import OmegaConf
+
+    from vaeexp.slurm import TARGET, check_request
+    from vaeexp.validate import ConfigError
+
+    if config.hydra.launcher.get("_target_") != TARGET:
+        return
+    try:
+        check_request(OmegaConf.to_container(config.hydra.launcher, resolve=True))
+    except ConfigError as e:
+        print(f"vaeexp: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class SweepRun(Callback):
@@ -38,19 +137,32 @@ class SweepRun(Callback):
         except TrackingUnavailable as e:  # Hydra would turn it into a warning and launch anyway
             print(f"vaeexp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
+        _check_launcher(config)
         client = MlflowClient(uri)
         experiment = experiment_for(client, config.tracking)
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
-        run = client.create_run(
-            experiment,
-            run_name=f"sweep {run_name(overrides, ' ')}",
-            tags={"sweep": str(folder), "hydra_overrides": " ".join(overrides)},
-        )
-        client.log_param(run.info.run_id, "sweep.overrides", " ".join(overrides))
-        (folder / PARENT_FILE).write_text(run.info.run_id)
-        log.info("sweep parent run %s in %s", run.info.run_id, uri)
+        identity = sweep_identity(overrides)
+        earlier = _earlier_parent(client, experiment, identity) if config.resume == "auto" else None
+        if earlier is not None:
+            parent = _continue(client, earlier, folder)
+        else:
+            if config.resume == "auto":
+                log.info("resume=auto: no earlier sweep of these settings; starting afresh")
+            parent = client.create_run(
+                experiment,
+                run_name=f"sweep {run_name(overrides, ' ')}",
+                tags={
+                    "sweep": str(folder),
+                    "hydra_overrides": " ".join(overrides),
+                    "sweep_identity": identity,
+                },
+            ).info.run_id
+            client.log_param(parent, "sweep.overrides", " ".join(overrides))
+            log.info("sweep parent run %s in %s", parent, uri)
+        (folder / PARENT_FILE).write_text(parent)
+        _CURRENT.update(uri=uri, parent=parent)
         self._resolve_data_once(config)
 
     @staticmethod

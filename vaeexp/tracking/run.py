@@ -21,6 +21,7 @@ from vaeexp.data import Dataset
 from vaeexp.images import EpochImages
 from vaeexp.paths import sweep_folder
 from vaeexp.step import Diverged
+from vaeexp.stop import REQUEUED
 from vaeexp.tracking import record
 from vaeexp.tracking.export import log_models
 from vaeexp.tracking.links import how_to_open
@@ -93,7 +94,8 @@ def tracked_run(
         tags["resumed_from"] = str(cfg.resume)
     else:
         name = tracking.run_name or run_name(overrides)
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
+        # The tags from the start: a job killed at once still shows under its sweep's parent.
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     outbox = Outbox(client, run_id, tracking.uri, output_dir)
     logger = None
@@ -127,8 +129,8 @@ def tracked_run(
         yield tracked
         for logfile in output_dir.glob("*.log"):
             outbox.artifact_out(logfile)
-    except KeyboardInterrupt:
-        status = RunStatus.KILLED
+    except KeyboardInterrupt as e:  # SCHEDULED: a cluster job that comes back to finish it
+        status = RunStatus.SCHEDULED if str(e) == REQUEUED else RunStatus.KILLED
         raise
     except BaseException as e:
         status, failure = RunStatus.FAILED, f"{type(e).__name__}: {e}"[:5000]

@@ -113,6 +113,19 @@ def run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
+def finished_run(uri: str, state: dict, epochs: int) -> str | None:
+    """The name of the run a checkpoint belongs to if that run is FINISHED and trained `epochs`
+    already: resuming it would train nothing and log its last results twice."""
+    run_id = state.get("mlflow_run_id")
+    if not run_id or state.get("epoch", 0) < epochs:
+        return None
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run.info.run_name if run.info.status == "FINISHED" else None
+
+
 def last_step(client: MlflowClient, run_id: str, key: str) -> int:
     """The last step at which the run has `key`; 0 if never."""
     return max((m.step for m in client.get_metric_history(run_id, key)), default=0)

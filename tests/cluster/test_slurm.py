@@ -1,0 +1,221 @@
+"""vaeexp.slurm on a real SLURM cluster, logging to a real `mlflow server` on PostgreSQL:
+`tests/cluster/setup.sh` brings both up on this machine (CI runs it; these tests skip, saying
+why, where it has not run). Covers a sweep landing whole in MLflow, a job requeued by SLURM and
+one signalled before its time limit, a request no node can hold, and Ctrl-C followed by
+`resume=auto`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import env_for, free_port, mlflow_server, run_cli
+
+SETUP = "run `sudo bash tests/cluster/setup.sh` first (CI does)"
+DATABASE = "postgresql://vaeexp:vaeexp@127.0.0.1:5432/vaeexp"
+
+
+def _missing() -> str | None:
+    if shutil.which("sinfo") is None:
+        return f"no SLURM on this machine: {SETUP}"
+    answer = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    if answer.returncode or not answer.stdout.strip():
+        return f"SLURM does not answer (sinfo: {answer.stderr.strip()[:100]}): {SETUP}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+# Long enough to be signalled mid-training (15 steps an epoch), quick to start.
+TRAIN = [
+    "data=mnist_bundled",
+    "data.train_limit=1500",
+    "data.test_limit=100",
+    "epochs=12",
+    "progress=false",
+    "tracking.log_model=false",
+    "iwae.images=0",
+]
+SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=15"]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A fresh PostgreSQL database of this module's own, as a backend-store URI."""
+    psycopg = pytest.importorskip("psycopg", reason='the server extra: pip install -e ".[dev]"')
+    name = f"vaeexp_test_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(DATABASE, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL for MLflow ({str(e).strip()[:100]}): {SETUP}")
+    admin.execute(f"CREATE DATABASE {name}")
+    yield DATABASE.rsplit("/", 1)[0] + f"/{name}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 over that database, serving artifacts itself."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    proc = mlflow_server(root, port, backend=postgres)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def wait_for(what: str, ready: Callable[[], object], timeout: float = 240) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := ready():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")
+
+
+def launch(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`python -m vaeexp -m hydra/launcher=slurm ...`, in the background, as a user starts it."""
+    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vaeexp", *SLURM, *args], env=full, stdout=out, stderr=out
+        )
+
+
+def sweep_folder(runs: Path) -> Path:
+    return wait_for(
+        "the sweep folder", lambda: next(runs.glob("multirun/*/*/.submitit"), None)
+    ).parent
+
+
+def job_id(folder: Path, num: int) -> str:
+    """The SLURM id (array_task) of the sweep's job `num`, from submitit's folder names."""
+    found = wait_for(f"job {num} submitted", lambda: list((folder / ".submitit").glob(f"*_{num}")))
+    return found[0].name
+
+
+def squeue(*args: str) -> str:
+    return subprocess.run(["squeue", "-h", *args], capture_output=True, text=True).stdout
+
+
+def release(job: str) -> None:
+    """A requeued job waits about two minutes (SLURM's BeginTime) before it may start again:
+    let it start now, or the test would mostly wait."""
+    wait_for(f"{job} requeued", lambda: "BeginTime" in squeue("-j", job, "-o", "%r"), 120)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
+def sweep(client: MlflowClient):
+    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted(
+        (r for r in runs if r is not parent), key=lambda r: r.data.params["latent_dim"]
+    )
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    return parent, children
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_whole(client: MlflowClient, run, like) -> None:
+    """`run` has exactly the metric points of `like`, an uninterrupted run of the same length."""
+    for key in ("train/loss_step", "train/loss", "test/loss", "test/kl"):
+        assert steps(client, run.info.run_id, key) == steps(client, like.info.run_id, key), key
+
+
+def test_sweep_on_postgres_server_survives_requeue_and_signal(server: str, tmp_path: Path):
+    env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": ""}
+    log = tmp_path / "sweep.log"
+    proc = launch("tracking=server", f"tracking.uri={server}", "latent_dim=2,3,4", *TRAIN,
+                  env=env, log=log)  # fmt: skip
+    try:
+        folder = sweep_folder(tmp_path / "runs")
+        requeued, signalled = job_id(folder, 0), job_id(folder, 1)
+        for num in (0, 1):  # mid-training: an epoch's checkpoint is written
+            wait_for(f"job {num} training", (folder / str(num) / "checkpoint.json").is_file)
+        subprocess.run(["scontrol", "requeue", requeued], check=True)  # what preemption does
+        subprocess.run(["scancel", "--signal=TERM", signalled], check=True)  # a signal only
+        release(requeued)
+        release(signalled)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    client = MlflowClient(server)
+    parent, children = sweep(client)
+    assert parent.info.status == "FINISHED"
+    assert [r.info.status for r in children] == ["FINISHED"] * 3
+    first, second, untouched = children
+    for run in (first, second):
+        assert run.data.tags["resumed_from"] == "auto"
+        assert_whole(client, run, untouched)
+    assert "resumed_from" not in untouched.data.tags
+    assert steps(client, untouched.info.run_id, "test/loss") == list(range(1, 13))
+    job_logs = [(folder / str(n) / "app.log").read_text() for n in (0, 1)]
+    assert all("resumed at epoch" in text for text in job_logs)
+    assert "requeueing through submitit" in job_logs[1]  # only signalled: it requeued itself
+    for run in children:
+        images = {f.path.split("+")[0] for f in client.list_artifacts(run.info.run_id, "images")}
+        assert {"images/latent", "images/samples"} <= images
+        film = {f.path for f in client.list_artifacts(run.info.run_id, "film")}
+        assert {"film/latent.gif", "film/frames.npz"} <= film
+    report = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.html" in report
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # everything went to the server
+
+
+def test_a_request_no_node_can_hold_stops_before_submitting(tmp_path: Path):
+    env = env_for(tmp_path)
+    before = squeue("-o", "%i")
+    started = time.monotonic()
+    result = run_cli(*SLURM, "hydra.launcher.cpus_per_task=512", "latent_dim=2,3", env=env)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2
+    [line] = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line.startswith("vaeexp: error: hydra.launcher.cpus_per_task=512: no node of")
+    assert f"{os.cpu_count()} CPUs" in line
+    assert squeue("-o", "%i") == before  # nothing submitted
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_ctrl_c_cancels_the_jobs_and_resume_auto_continues_the_sweep(tmp_path: Path):
+    env = env_for(tmp_path)
+    args = ["latent_dim=2,3,4", *TRAIN]
+    one_by_one = "hydra.launcher.array_parallelism=1"  # one finishes, one stops, one never starts
+    proc = launch(one_by_one, *args, env=env, log=tmp_path / "first.log")
+    folder = sweep_folder(tmp_path / "runs")
+    wait_for("job 1 training", (folder / "1" / "checkpoint.json").is_file)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    said = (tmp_path / "first.log").read_text()
+    assert "cancelled the sweep's SLURM jobs (scancel" in said
+    assert "resume=auto" in said
+    array = job_id(folder, 0).split("_")[0]
+    wait_for("the jobs gone from the queue", lambda: array not in squeue("-o", "%i"), 60)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    parent, children = sweep(client)
+    assert parent.info.status == "KILLED"
+    assert [r.info.status for r in children] == ["FINISHED", "KILLED"]  # the third never started
+    finished = children[0]
+
+    again = run_cli(*SLURM, *args, "resume=auto", env=env, timeout=400)  # side by side now
+    assert again.returncode == 0, again.stderr[-3000:]
+    same, children = sweep(client)
+    assert same.info.run_id == parent.info.run_id and same.info.status == "FINISHED"
+    assert [r.info.status for r in children] == ["FINISHED"] * 3
+    assert children[0].info.end_time == finished.info.end_time  # not trained again
+    assert children[1].data.tags["resumed_from"] == "auto"
+    assert_whole(client, children[1], children[2])
