@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist (pyproject's addopts: two workers), one torch thread per worker and per
+# process it starts: two workers of torch's default threads on 2 cores spin against each other
+# (README, "Sweeps"). Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import functools
 import http.server
-import os
 import shutil
 import socket
 import subprocess

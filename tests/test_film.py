@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tests.conftest import TINY, env_for, only_run, run_cli
 from vaeexp.film import diagnostics
 from vaeexp.film.frames import Frames
 from vaeexp.film.gif import GifWriter
+from vaeexp.film.outputs import FINAL_FRAME, FINAL_FRAME_ARTIFACT
 from vaeexp.film.recorder import film_points
 from vaeexp.film.render import Canvas, Projection
 from vaeexp.film.schedule import Schedule
@@ -148,9 +150,18 @@ def test_schedule_frames_reach_mlflow(filmed):
 def test_film_artifacts_gif_decoder_and_frames(filmed, tmp_path):
     _env, client, run, _ = filmed
     names = {f.path for f in client.list_artifacts(run.info.run_id, "film")}
-    assert names == {"film/latent.gif", "film/decoder.gif", "film/frames.npz"}
+    assert names == {
+        "film/latent.gif",
+        "film/decoder.gif",
+        "film/frames.npz",
+        FINAL_FRAME_ARTIFACT,  # the last frame, under a name vaeexp owns (read by compare)
+    }
     local = Path(client.download_artifacts(run.info.run_id, "film", str(tmp_path)))
     assert gif_frames(local / "latent.gif") == 13
+    with Image.open(local / "latent.gif") as gif, Image.open(local / FINAL_FRAME) as final:
+        gif.seek(gif.n_frames - 1)
+        assert final.size == gif.size
+        assert np.array_equal(np.asarray(final.convert("RGB")), np.asarray(gif.convert("RGB")))
     assert gif_frames(local / "decoder.gif") == 4  # before training, then each of 3 epochs
     frames = Frames.load(local / "frames.npz")
     assert frames.steps.tolist() == [*range(11), 16, 24]
@@ -188,11 +199,13 @@ def test_training_keeps_its_threads_when_the_film_starts_first():
         "print(torch.get_num_threads())\n"
         "r.finish()\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's own count
     fresh = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     with tempfile.TemporaryDirectory() as tmp:
         filmed = subprocess.run(
@@ -200,6 +213,7 @@ def test_training_keeps_its_threads_when_the_film_starts_first():
             capture_output=True,
             text=True,
             cwd=Path(__file__).parents[1],
+            env=env,
         )
     assert filmed.returncode == 0, filmed.stderr[-2000:]
     assert filmed.stdout.split()[-1] == fresh.stdout.strip()
@@ -215,7 +229,8 @@ def test_pca_film_for_latent_dim_8_and_rerender(tmp_path):
     steps = [*range(11), 16]
     assert image_steps(client, run.info.run_id, "latent") == steps
     names = {f.path for f in client.list_artifacts(run.info.run_id, "film")}
-    assert names == {"film/latent.gif", "film/latent.mp4", "film/frames.npz"}  # no decoder
+    # no decoder film for latent_dim=8
+    assert names == {"film/latent.gif", "film/latent.mp4", "film/frames.npz", FINAL_FRAME_ARTIFACT}
     local = Path(client.download_artifacts(run.info.run_id, "film", str(tmp_path / "a")))
     assert Frames.load(local / "frames.npz").means.shape == (12, 100, 8)
     assert gif_frames(local / "latent.gif") == 12

@@ -234,10 +234,13 @@ def main() -> None:
     try:
         task()
     except KeyboardInterrupt:
-        print("vaeexp: interrupted; an MLflow run it had started is marked KILLED", file=sys.stderr)
         from vaeexp.sweep import interrupted
 
-        interrupted()
+        if not interrupted():
+            print(
+                "vaeexp: interrupted; an MLflow run it had started is marked KILLED",
+                file=sys.stderr,
+            )
         sys.exit(130)
     except _user_errors() as e:
         if os.environ.get("VAEEXP_TRACEBACK") == "1":

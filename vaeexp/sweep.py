@@ -41,12 +41,12 @@ def sweep_identity(overrides: list[str]) -> str:
     return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:16]
 
 
-def interrupted() -> None:
-    """After Ctrl-C or SIGTERM in a sweep's launching process: its parent run is KILLED, and the
-    line says how to continue it."""
+def interrupted() -> bool:
+    """After Ctrl-C or SIGTERM in a sweep's launching process: its parent run is KILLED, and one
+    line says how to continue it. False outside a sweep."""
     parent, uri = _CURRENT.get("parent"), _CURRENT.get("uri")
     if not parent:
-        return
+        return False
     from mlflow.tracking import MlflowClient
 
     with contextlib.suppress(Exception):  # a store that is down must not hide the next line
@@ -59,6 +59,7 @@ def interrupted() -> None:
         f"jobs are kept, stopped ones continue from their checkpoints): {again}",
         file=sys.stderr,
     )
+    return True
 
 
 def _earlier_parent(client: Any, experiment: str, identity: str) -> Any:

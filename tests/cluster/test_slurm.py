@@ -34,7 +34,10 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = [
+    pytest.mark.skipif(_missing() is not None, reason=str(_missing())),
+    pytest.mark.xdist_group("slurm"),  # one after another: they share the node and its queue
+]
 
 # Long enough to be signalled mid-training (15 steps an epoch), quick to start.
 TRAIN = [

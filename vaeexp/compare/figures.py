@@ -1,5 +1,6 @@
-"""The report's pictures: final test loss against each swept value, every run's test-loss
-curve, and a contact sheet of every run's final latent frame."""
+"""The report's pictures: final test loss against each setting (a group's mean and spread over
+its seeds), each group's test-loss curve with a band, and a contact sheet of each group's
+representative final latent frame."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vaeexp.compare.runs import Row
+from vaeexp.compare.groups import Group, band
 from vaeexp.film.render import font as text_font
 
 CELL = (320, 240)  # a contact-sheet cell: a latent frame at half size
+LEGEND_MAX = 12  # more groups than this: no legend (the table names them)
+
+
+def _figure(size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _axis(values: list[str]) -> tuple[list[float], list[str] | None, bool]:
-    """Positions for a swept setting's values: numbers as they are (log scale when they span a
-    wide positive range), anything else as evenly spaced categories."""
+    """Positions for a setting's values: numbers as they are (log scale when they span a wide
+    positive range), anything else as evenly spaced categories."""
     try:
         nums = [float(v) for v in values]
     except ValueError:
@@ -26,74 +37,117 @@ def _axis(values: list[str]) -> tuple[list[float], list[str] | None, bool]:
     return nums, None, wide
 
 
-def plot_loss_vs_values(rows: list[Row], keys: list[str], out: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def plot_loss_vs_values(groups: list[Group], keys: list[str], out: Path, spread: str) -> Path:
+    """Each group's mean final test loss (error bar: its spread) against each setting, each run
+    a small grey dot behind it; groups with no finished run as a red cross at the top."""
+    import numpy as np
 
-    keys = keys or ["run"]
-    fig = Figure(figsize=(4.2 * len(keys), 3.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ok = [r for r in rows if "test/loss" in r.metrics and r.status == "FINISHED"]
-    top = max((r.metrics["test/loss"] for r in ok), default=1.0)
+    keys = keys or ["group"]
+    fig = _figure((4.2 * len(keys), 3.6))
+    done = [g for g in groups if g.stat("test/loss", "mean") is not None]
+    means = np.array([g.stat("test/loss", "mean") for g in done])
+    spreads = np.array([_spread(g, spread) for g in done]).reshape(-1, 2)
+    runs = [(i, r.metrics["test/loss"]) for i, g in enumerate(done) for r in g.finished]
+    top = means.max() if len(means) else 1.0
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)
-        values = [r.values.get(key, r.name) for r in rows]
-        x, categories, log_x = _axis(values)
-        for row, xi in zip(rows, x, strict=True):
-            if row in ok:
-                ax.plot(xi, row.metrics["test/loss"], "o", color="tab:blue")
-            else:  # failed and diverged runs: a red cross above the finished ones
-                ax.plot(xi, top, "x", color="tab:red", ms=9)
+        x, categories, log_x = _axis([g.values.get(key, g.label) for g in groups])
+        x_of = dict(zip(map(id, groups), x, strict=True))
+        xs = np.array([x_of[id(g)] for g in done])
+        if runs:
+            ax.plot([xs[j] for j, _ in runs], [v for _, v in runs], ".", color="0.6", ms=4)
+            yerr = np.stack([means - spreads[:, 0], spreads[:, 1] - means])
+            ax.errorbar(xs, means, yerr=yerr, fmt="o", color="tab:blue", capsize=3)
+        bad = [j for j, g in enumerate(done) if g.problems()]
+        ax.plot(xs[bad], means[bad], "o", mfc="none", mec="tab:red", ms=11)
+        failed = [x_of[id(g)] for g in groups if g.stat("test/loss", "mean") is None]
+        ax.plot(failed, [top] * len(failed), "x", color="tab:red", ms=9)
         if categories is not None:
             ax.set_xticks(range(len(categories)), categories, rotation=30)
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel("final test loss (nats)")
-    if len(ok) < len(rows):
-        fig.suptitle("red x: failed or diverged", fontsize=9)
+    what = "mean and min-max" if spread == "minmax" else "mean +- 1 std"
+    fig.suptitle(
+        f"blue: {what} of finished runs; grey: each run; red: failed or diverged runs",
+        fontsize=9,
+    )
     path = out / "test_loss_vs_values.png"
     fig.savefig(path)
     return path
 
 
-def plot_curves(rows: list[Row], out: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _spread(group: Group, spread: str) -> tuple[float, float]:
+    """(low, high) of the group's final test loss: min and max, or mean -+ std (0 for n=1)."""
+    mean = group.stat("test/loss", "mean") or 0.0
+    if spread == "minmax":
+        low, high = group.stat("test/loss", "min"), group.stat("test/loss", "max")
+        return (mean if low is None else low), (mean if high is None else high)
+    std = group.stat("test/loss", "std") or 0.0
+    return mean - std, mean + std
 
-    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+
+def plot_curves(groups: list[Group], out: Path, spread: str) -> Path:
+    """One mean test-loss line per group over its finished runs, shaded over its spread;
+    failed and diverged runs dotted, as far as they got."""
+    fig = _figure((8, 4.5))
     ax = fig.add_subplot()
-    for row in rows:
-        if row.curve:
-            steps, values = zip(*row.curve, strict=True)
-            style = "-" if row.status == "FINISHED" else ":"
-            ax.plot(steps, values, style, marker=".", label=f"{row.name} ({row.status.lower()})")
+    for i, group in enumerate(groups):
+        colour = f"C{i % 10}"
+        curve = band(group, spread)
+        n = len(group.finished)
+        if curve is not None:
+            steps, mean, low, high = curve
+            ax.plot(
+                steps,
+                mean,
+                "-",
+                marker="." if len(steps) < 30 else None,
+                color=colour,
+                label=f"{group.label} (n={n})",
+            )
+            if n > 1:
+                ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
+        for row in group.members:
+            if not row.ok and row.curve:
+                steps, values = zip(*row.curve, strict=True)
+                ax.plot(
+                    steps, values, ":", color=colour, label=f"{row.name} ({row.status.lower()})"
+                )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test loss (nats)")
-    if any(r.curve for r in rows):
+    what = "min to max" if spread == "minmax" else "mean +- 1 std"
+    ax.set_title(f"mean over each group's finished runs; band: {what}", fontsize=9)
+    if 0 < len(groups) <= LEGEND_MAX and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper right")
     path = out / "learning_curves.png"
     fig.savefig(path)
     return path
 
 
-def contact_sheet(rows: list[Row], keys: list[str], out: Path) -> Path:
-    cols = min(4, max(1, len(rows)))
+def contact_sheet(groups: list[Group], out: Path) -> Path:
+    """Each group's representative (median) run's final latent frame, captioned."""
+    cols = min(4, max(1, len(groups)))
     caption = 36
     w, h = CELL
-    sheet = Image.new("RGB", (cols * w, -(-len(rows) // cols) * (h + caption)), "white")
+    sheet = Image.new("RGB", (cols * w, -(-len(groups) // cols) * (h + caption)), "white")
     draw = ImageDraw.Draw(sheet)
     font = text_font()
-    for i, row in enumerate(rows):
+    for i, group in enumerate(groups):
         x, y = (i % cols) * w, (i // cols) * (h + caption)
-        label = ", ".join(f"{k}={row.values[k]}" for k in keys) or row.name
-        draw.text((x + 6, y + 2), label[:44], fill="black", font=font)
-        loss = row.metrics.get("test/loss")
-        status = f"test loss {loss:.2f}" if row.status == "FINISHED" and loss else row.status
-        draw.text(
-            (x + 6, y + 18), status, fill="black" if row.status == "FINISHED" else "red", font=font
-        )
+        row = group.representative
+        draw.text((x + 6, y + 2), group.label[:44], fill="black", font=font)
+        mean, std = group.stat("test/loss", "mean"), group.stat("test/loss", "std")
+        if mean is None:
+            status = row.status
+        elif len(group.members) == 1:
+            status = f"test loss {mean:.2f}"
+        else:
+            spread = f" ± {std:.2f}" if std is not None else ""
+            status = f"loss {mean:.2f}{spread}, n={len(group.finished)} (median run)"
+        bad = mean is None or group.problems()
+        draw.text((x + 6, y + 18), status, fill="red" if bad else "black", font=font)
         if row.frame is not None:
             with Image.open(row.frame) as frame:
                 sheet.paste(

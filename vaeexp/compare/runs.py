@@ -1,24 +1,31 @@
-"""The runs a report compares, read through MLflow's client: which, their swept settings, their
-metrics, curves and films."""
+"""The runs a report compares, read through MLflow's client: which, their settings, their final
+metrics, test-loss curves and films."""
 
 from __future__ import annotations
 
 import logging
 import math
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
+from vaeexp.film.outputs import FILM_ARTIFACT, FILM_FOLDER, FINAL_FRAME_ARTIFACT
 from vaeexp.paths import PARENT_FILE, parent_run_id
 from vaeexp.tracking.naming import trained_overrides
 
 log = logging.getLogger(__name__)
 
-METRICS = ("test/loss", "test/recon", "test/kl")
+METRICS = ("test/loss", "test/recon", "test/kl", "test/neg_elbo")
+IWAE_PREFIX = "test_nll_iwae_k"  # the end-of-run IWAE bound, test_nll_iwae_k{k}
+SEED = "seed"
+TAG = "tags."  # a grouping key naming a run's tag rather than a setting
+PAGE = 1000  # runs per search request; a report reads every page
 
 
 @dataclass
@@ -30,27 +37,52 @@ class Row:
     metrics: dict[str, float]
     epochs: int
     wall_s: float | None
+    tags: dict[str, str] = field(default_factory=dict)
+    artifact_uri: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list)
     frame: Path | None = None  # the final latent frame
     film: Path | None = None  # latent.gif
+    legacy_frame: bool = False  # the frame was found by MLflow's internal image file names
+
+    @property
+    def ok(self) -> bool:
+        """Finished with a final test loss: the runs that statistics are taken over."""
+        return self.status == "FINISHED" and "test/loss" in self.metrics
 
 
-def runs_for(client: MlflowClient, *, parent: str | None = None, experiment: str | None = None):
-    """(the parent run or None, the runs to compare) for a sweep's parent or a whole experiment."""
+def runs_for(
+    client: MlflowClient,
+    *,
+    parent: str | None = None,
+    experiment: str | None = None,
+    filter_string: str | None = None,
+) -> tuple[Run | None, list[Run]]:
+    """(the parent run or None, the runs to compare): a sweep's children, or an experiment's
+    runs that are not sweep parents; either narrowed by an MLflow search filter."""
+    where = [filter_string] if filter_string else []
     if parent:
         top = client.get_run(parent)
-        runs = client.search_runs(
-            [top.info.experiment_id],
-            f"tags.mlflow.parentRunId = '{parent}'",
-            max_results=5000,
-        )
-        return top, runs
+        where.insert(0, f"tags.mlflow.parentRunId = '{parent}'")
+        return top, _search(client, [top.info.experiment_id], " AND ".join(where))
     exp = client.get_experiment_by_name(experiment or "vaeexp")
     if exp is None:
         raise LookupError(f"no experiment named {experiment!r}")
-    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    runs = _search(client, [exp.experiment_id], " AND ".join(where))
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
-    return None, [r for r in runs if r.info.run_id not in parents]  # sweeps' parents: not runs
+    return None, [  # sweeps' parents are not runs to compare
+        r for r in runs if r.info.run_id not in parents and "sweep.overrides" not in r.data.params
+    ]
+
+
+def _search(client: MlflowClient, experiment_ids: list[str], where: str) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, where, max_results=PAGE, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
 
 
 def overrides_of(run: Run) -> dict[str, str]:
@@ -58,60 +90,127 @@ def overrides_of(run: Run) -> dict[str, str]:
     return dict(trained_overrides(shlex.split(run.data.tags.get("hydra_overrides", ""))))
 
 
+def has_setting(run: Run, key: str) -> bool:
+    """Whether the run logged the setting, as a param, an override or a tag (see value_of)."""
+    if key.startswith(TAG):
+        return key.removeprefix(TAG) in run.data.tags
+    params = run.data.params
+    return key in params or f"{key}.name" in params or key in overrides_of(run)
+
+
+def value_of(run: Run, key: str) -> str:
+    """A setting's value: the logged param (the resolved config, spelled the same whichever
+    sweep or command set it), else the override (a config group: `data` is `data.name`), else
+    empty (a run logged before that param existed). `tags.NAME` is a tag's value, such as
+    `tags.mlflow.source.git.commit` to tell runs before and after a change apart."""
+    if key.startswith(TAG):
+        return run.data.tags.get(key.removeprefix(TAG), "")
+    params = run.data.params
+    for name in (key, f"{key}.name"):
+        if name in params:
+            return params[name]
+    return overrides_of(run).get(key, "")
+
+
 def swept_keys(runs: list[Run]) -> list[str]:
-    """The settings that differ between the runs, in the order they were given."""
+    """The settings overridden in some run (where/how settings such as `threads` left out) whose
+    values differ between the runs, in the order they were given; all of them when none
+    differ."""
     keys: list[str] = []
     for run in runs:
         keys += [k for k in overrides_of(run) if k not in keys]
-    values = [{**{k: None for k in keys}, **overrides_of(r)} for r in runs]
-    return [k for k in keys if len({v[k] for v in values}) > 1] or keys
+    differ = [k for k in keys if len({value_of(r, k) for r in runs}) > 1]
+    return differ or keys
 
 
-def collect(client: MlflowClient, runs: list[Run], keys: list[str], folder: Path) -> list[Row]:
-    rows = []
+def iwae_key(runs: list[Run]) -> str | None:
+    """The IWAE bound most runs have (bounds of different k do not compare)."""
+    counts: dict[str, int] = {}
     for run in runs:
-        info, data = run.info, run.data
-        status = info.status
-        if status == "FAILED" and data.tags.get("diverged") == "true":
-            status = "DIVERGED"
-        end = info.end_time or None
-        wall = (end - info.start_time) / 1000 if end and info.start_time else None
-        values = {**{k: "" for k in keys}, **overrides_of(run)}
-        row = Row(
-            run_id=info.run_id,
-            name=info.run_name or info.run_id[:8],
-            status=status,
-            values={k: values[k] for k in keys},
-            metrics={
-                k: v for k, v in data.metrics.items() if k in METRICS or k.startswith("test_nll")
-            },
-            epochs=int(data.metrics.get("epoch", 0)),
-            wall_s=wall,
-            curve=sorted(
-                (m.step, m.value) for m in client.get_metric_history(info.run_id, "test/loss")
-            ),
+        for k in run.data.metrics:
+            if k.startswith(IWAE_PREFIX):
+                counts[k] = counts.get(k, 0) + 1
+    return max(counts, key=lambda k: (counts[k], k)) if counts else None
+
+
+def collect(
+    client: MlflowClient, runs: list[Run], keys: list[str], folder: Path, workers: int = 8
+) -> list[Row]:
+    """A Row per run, best first; curves and films fetched side by side (each is a round trip
+    to the store, which a tracking server answers in parallel)."""
+    iwae = iwae_key(runs)
+    rows = [_row(run, keys, iwae) for run in runs]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(lambda r: _fetch(client, r, folder / r.run_id), rows))
+    legacy = sum(r.legacy_frame for r in rows)
+    if legacy:
+        log.warning(
+            "%d run(s) have no %s (logged before vaeexp wrote it): their last frame was read "
+            "from MLflow's image slider files, whose names MLflow may change",
+            legacy,
+            FINAL_FRAME_ARTIFACT,
         )
-        row.frame, row.film = _film_files(client, info.run_id, folder / info.run_id)
-        rows.append(row)
     rows.sort(key=lambda r: (r.metrics.get("test/loss", math.inf), r.name))
     return rows
 
 
-def _film_files(client: MlflowClient, run_id: str, into: Path) -> tuple[Path | None, Path | None]:
-    """The run's last latent frame (from MLflow's image slider) and its GIF, if it has them."""
-    into.mkdir(parents=True, exist_ok=True)
-    frame = film = None
+def _row(run: Run, keys: list[str], iwae: str | None) -> Row:
+    info, data = run.info, run.data
+    status = info.status
+    if status == "FAILED" and data.tags.get("diverged") == "true":
+        status = "DIVERGED"
+    end = info.end_time or None
+    wall = (end - info.start_time) / 1000 if end and info.start_time else None
+    wanted = (*METRICS, iwae) if iwae else METRICS
+    metrics = {k: data.metrics[k] for k in wanted if k in data.metrics}
+    if iwae in metrics:
+        metrics["iwae"] = metrics.pop(iwae)
+    return Row(
+        run_id=info.run_id,
+        name=info.run_name or info.run_id[:8],
+        status=status,
+        values={k: value_of(run, k) for k in keys},
+        metrics=metrics,
+        epochs=int(data.metrics.get("epoch", 0)),
+        wall_s=wall,
+        tags=dict(data.tags),
+        artifact_uri=info.artifact_uri,
+    )
+
+
+def _fetch(client: MlflowClient, row: Row, into: Path) -> None:
+    """The run's test-loss curve, final latent frame and film. Artifacts are read from the
+    run's artifact store directly: the client would look the run up again for every file."""
     try:
-        images = [f.path for f in client.list_artifacts(run_id, "images")]
-        latent = [p for p in images if p.startswith("images/latent+step+") and p.endswith(".png")]
-        if latent:
-            last = max(latent, key=lambda p: int(p.split("+")[2]))
-            frame = Path(client.download_artifacts(run_id, last, str(into)))
-        if any(f.path == "film/latent.gif" for f in client.list_artifacts(run_id, "film")):
-            film = Path(client.download_artifacts(run_id, "film/latent.gif", str(into)))
+        history = client.get_metric_history(row.run_id, "test/loss")
+        row.curve = sorted((m.step, m.value) for m in history)
+    except mlflow.exceptions.MlflowException as e:
+        log.warning("run %s: its test-loss curve could not be read (%s)", row.run_id, e)
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        repo = get_artifact_repository(row.artifact_uri, tracking_uri=client.tracking_uri)
+        films = {f.path for f in repo.list_artifacts(FILM_FOLDER)}
+        if FINAL_FRAME_ARTIFACT in films:
+            row.frame = Path(repo.download_artifacts(FINAL_FRAME_ARTIFACT, str(into)))
+        else:
+            row.frame = _legacy_frame(repo, into)
+            row.legacy_frame = row.frame is not None
+        if FILM_ARTIFACT in films:
+            row.film = Path(repo.download_artifacts(FILM_ARTIFACT, str(into)))
     except (mlflow.exceptions.MlflowException, OSError) as e:
-        log.warning("run %s: its film could not be read (%s)", run_id, e)
-    return frame, film
+        log.warning("run %s: its film could not be read (%s)", row.run_id, e)
+
+
+def _legacy_frame(repo, into: Path) -> Path | None:
+    """The last `latent` image of a run logged before vaeexp wrote its final frame, found by
+    MLflow's own file names for the image slider (images/latent+step+N+...png)."""
+    images = [f.path for f in repo.list_artifacts("images")]
+    latent = [p for p in images if p.startswith("images/latent+step+") and p.endswith(".png")]
+    try:
+        last = max(latent, key=lambda p: int(p.split("+")[2]), default=None)
+    except (IndexError, ValueError):  # a naming this code does not know
+        return None
+    return None if last is None else Path(repo.download_artifacts(last, str(into)))
 
 
 def parent_of_sweep(folder: Path) -> str:

@@ -28,7 +28,13 @@ from vaeexp.film.render import (
     title_strip,
 )
 
-ARTIFACTS = ("latent.gif", "latent.mp4", "decoder.gif", "frames.npz")
+# The film's last frame as a plain PNG under a name vaeexp owns: the comparison report reads it
+# from here, not from MLflow's internal names for the `latent` image slider's files.
+FINAL_FRAME = "latent_final.png"
+FILM_FOLDER = "film"  # the run's artifact folder for all of these
+FINAL_FRAME_ARTIFACT = f"{FILM_FOLDER}/{FINAL_FRAME}"
+FILM_ARTIFACT = f"{FILM_FOLDER}/latent.gif"
+ARTIFACTS = ("latent.gif", "latent.mp4", "decoder.gif", "frames.npz", FINAL_FRAME)
 
 
 class Sink(Protocol):
@@ -59,7 +65,8 @@ class FilmOutputs:
         self.jitter = jitter_for(len(labels))
         self.latent_out: list[GifWriter | Mp4Writer] | None = None
         self.decoder_out: GifWriter | Mp4Writer | None = None
-        self.last_image: Any = None
+        self.last_image: Any = None  # the last frame, when the GIF's stride skipped it
+        self.final_image: Any = None  # the last frame drawn, whatever the stride
 
     def draw(
         self, frame_no: int, step: int, epoch: int, losses: tuple[float, float], means: np.ndarray
@@ -94,6 +101,7 @@ class FilmOutputs:
         """A drawn frame to MLflow's slider and (every stride-th) to the GIF / MP4."""
         started = time.perf_counter()
         self.sink.log_image(image, "latent", step)
+        self.final_image = image
         if frame_no % self.film.stride == 0:
             for out in self._latent_writers():
                 out.add(image)
@@ -129,11 +137,13 @@ class FilmOutputs:
         return self.latent_out
 
     def close(self) -> None:
-        """End the films on their last frame and close them."""
+        """End the films on their last frame and close them; keep that frame as a PNG."""
         if self.last_image is not None:
             for out in self._latent_writers():
                 out.add(self.last_image)
         self.close_writers()
+        if self.final_image is not None:
+            self.final_image.save(self.folder / FINAL_FRAME)
 
     def close_writers(self) -> None:
         for out in [*(self.latent_out or []), self.decoder_out]:
@@ -141,7 +151,7 @@ class FilmOutputs:
                 out.close()
 
     def log_artifacts(self) -> None:
-        """The films and frames.npz that were written, to the run's film/ folder."""
+        """The films, their last frame and frames.npz that were written, to the run's film/."""
         for name in ARTIFACTS:
             if (self.folder / name).is_file():
-                self.sink.log_artifact(self.folder / name, "film")
+                self.sink.log_artifact(self.folder / name, FILM_FOLDER)
