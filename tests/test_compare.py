@@ -5,6 +5,7 @@ Chromium. tests/test_compare_groups.py checks the grouping on made-up sweeps."""
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from pathlib import Path
 
@@ -26,10 +27,22 @@ def sweep(tmp_path_factory):
     env = env_for(root)
     result = run_cli("-m", "latent_dim=2,3", "lr=0.001,1e30", "seed=0,1", *QUICK, env=env)
     assert result.returncode == 0, result.stderr[-3000:]  # a diverged job does not stop a sweep
+    (root / "stdout.txt").write_text(result.stdout)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     return env, client, parent, Path(parent.data.tags["sweep"])
+
+
+def test_the_sweep_names_its_best_setting_not_its_luckiest_run(sweep):
+    env, client, parent, folder = sweep
+    groups = json.loads((folder / "report" / "summary.json").read_text())["groups"]
+    means = {k: g["test/loss"]["mean"] for k, g in groups.items() if "test/loss" in g}
+    assert sorted(means) == ["latent_dim=2 lr=0.001", "latent_dim=3 lr=0.001"]  # not diverged
+    best = min(means, key=means.get)
+    assert client.get_run(parent.info.run_id).data.tags["best_group"] == best
+    said = (Path(env["VAEEXP_RUNS"]).parent / "stdout.txt").read_text()
+    assert f"best setting {best}: test loss {means[best]:.2f} ± " in said
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

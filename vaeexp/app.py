@@ -80,10 +80,11 @@ def _train(cfg: DictConfig) -> float:
     from vaeexp.film import filming
     from vaeexp.likelihood import iwae_metrics
     from vaeexp.resumable import Checkpoints
+    from vaeexp.resume import job_folders
     from vaeexp.resume import resolve as resolve_resume
     from vaeexp.tracking.links import run_summary
     from vaeexp.tracking.run import tracked_run
-    from vaeexp.tracking.store import check_reachable, finished_run
+    from vaeexp.tracking.store import check_reachable, finished_run, unfinished_run_in
     from vaeexp.trainer import cpu_settings, pick_device, train
 
     typed = settings(cfg)
@@ -91,18 +92,24 @@ def _train(cfg: DictConfig) -> float:
     cpu_settings(typed.flush_denormal, job_threads(typed.threads, hc))
     device = pick_device(typed.device.value)
     check_reachable(typed.tracking.uri)  # seconds, not minutes of retries, before any work
-    resume = None
+    output_dir = Path(hc.runtime.output_dir)
+    resume, adopted = None, None
     if typed.resume:
         sweep = sweep_folder()  # a sweep's job continues only its own sweep's runs
         path = resolve_resume(
             typed.resume,
             typed,
             Path(typed.paths.runs),
-            Path(hc.runtime.output_dir),
+            output_dir,
             earlier_sweeps(sweep) if sweep else None,
         )
         if path is None:
-            log.info("resume=auto: no checkpoint of this configuration yet; starting afresh")
+            folders = job_folders(typed, output_dir, earlier_sweeps(sweep) if sweep else [])
+            adopted = unfinished_run_in(typed.tracking, folders) if typed.resume == "auto" else None
+            log.info(
+                "resume=auto: no checkpoint of this configuration yet; starting afresh%s",
+                f" in its unfinished run {adopted}" if adopted else "",
+            )
         else:
             log.info("resuming from %s", path)
             resume = checkpoint.load(path)
@@ -115,7 +122,6 @@ def _train(cfg: DictConfig) -> float:
                 return float(resume["metrics"]["test/loss"])
     # In a sweep, the launching process has said it once (vaeexp.sweep).
     data = load_data(typed.data, progress=typed.progress, warn_fallback=not _multirun(hc))
-    output_dir = Path(hc.runtime.output_dir)
     ckpt_path = output_dir / checkpoint.FILENAME if typed.checkpoint else None
     with tracked_run(
         typed,
@@ -123,7 +129,7 @@ def _train(cfg: DictConfig) -> float:
         device,
         output_dir,
         list(hc.overrides.task),
-        resume_run_id=resume and resume.get("mlflow_run_id"),
+        resume_run_id=resume.get("mlflow_run_id") if resume else adopted,
     ) as run:
         with filming(typed, data, run.logger, output_dir / "film", device) as film:
             result = train(

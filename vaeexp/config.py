@@ -214,6 +214,12 @@ def resume_identity(config: dict[str, Any]) -> dict[str, Any]:
     return _without(config, NOT_RESUME_IDENTITY)
 
 
+def job_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two jobs of a sweep the same job: `epochs` included, since a sweep may vary it
+    and each of its jobs must continue its own run."""
+    return _without(config, WHERE_OR_HOW)
+
+
 def _without(tree: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in tree.items():

@@ -9,12 +9,18 @@ its runs belong to that sweep's parent, and another sweep's run of the same sett
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
 
 from vaeexp import checkpoint
-from vaeexp.config import RUN_ID, Config, plain, resume_identity
+from vaeexp.config import RUN_ID, Config, job_identity, plain, resume_identity
+
+Identity = Callable[[dict[str, Any]], dict[str, Any]]
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +37,14 @@ def resolve(
     in `sweeps` (the earlier folders of a resumed sweep) if this is a sweep's job, else under
     runs/."""
     if spec == "auto":
-        wanted = resume_identity(plain(cfg))
+        same = resume_identity if sweeps is None else job_identity
+        wanted = same(plain(cfg))
         own = output_dir / checkpoint.FILENAME if output_dir else None
-        if own is not None and own.is_file() and _matches(own, wanted):
+        if own is not None and own.is_file() and _matches(own, wanted, same):
             return own
         if sweeps is not None:
-            return _newest_match(
-                (p for folder in sweeps for p in folder.glob(f"*/{checkpoint.FILENAME}")), wanted
-            )
+            found = (p for folder in sweeps for p in folder.glob(f"*/{checkpoint.FILENAME}"))
+            return _newest_match(found, wanted, same)
         return latest_matching(cfg, runs_dir)
     if RUN_ID.fullmatch(spec) and not Path(spec).exists():
         return _from_run_id(spec, cfg.tracking.uri)
@@ -55,24 +61,38 @@ def latest_matching(cfg: Config, runs_dir: Path) -> Path | None:
             for p in (runs_dir / sub).glob(f"**/{checkpoint.FILENAME}")
         ),
         resume_identity(plain(cfg)),
+        resume_identity,
     )
 
 
-def _newest_match(paths: Iterable[Path], wanted: dict) -> Path | None:
+def job_folders(cfg: Config, output_dir: Path, sweeps: list[Path]) -> list[Path]:
+    """This job's own folder and the folders of the same job in the sweeps it continues, found
+    by the config Hydra saved there: where a run stopped before its first checkpoint lived."""
+    wanted = job_identity(plain(cfg))
+    same = []
+    for folder in sweeps:
+        for saved in folder.glob("*/.hydra/config.yaml"):
+            with contextlib.suppress(Exception):  # a folder of a job that never composed
+                if job_identity(OmegaConf.to_container(OmegaConf.load(saved))) == wanted:
+                    same.append(saved.parent.parent)
+    return [output_dir, *same]
+
+
+def _newest_match(paths: Iterable[Path], wanted: dict, same: Identity) -> Path | None:
     candidates = sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((path for path in candidates if _matches(path, wanted)), None)
+    return next((path for path in candidates if _matches(path, wanted, same)), None)
 
 
-def _matches(path: Path, wanted: dict) -> bool:
+def _matches(path: Path, wanted: dict, same: Identity = resume_identity) -> bool:
     saved = checkpoint.saved_config(path)
-    if saved is not None and resume_identity(saved) != wanted:
+    if saved is not None and same(saved) != wanted:
         return False
     try:
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as e:
         log.warning("resume=auto: skipping %s", e)
         return False
-    return resume_identity(state.get("config", {})) == wanted
+    return same(state.get("config", {})) == wanted
 
 
 def _from_run_id(run_id: str, uri: str) -> Path:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 from vaeexp.stop import REQUEUED, STOP
@@ -131,8 +132,22 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             return super().__call__(overrides, *args)
         except KeyboardInterrupt:
             if preemption.requeue_self:
-                preemption.requeue()
-            raise
+                try:
+                    preemption.requeue()  # exits the process
+                except Exception as e:  # submitit refused (timed out too often), scontrol failed
+                    log.error("could not requeue the job (%s): resume it with resume=auto", e)
+            elif preemption.comes_back:
+                raise  # SLURM requeues it: no result yet, the launcher waits for its next start
+            return stopped(overrides)
+
+
+def stopped(overrides: list[str]) -> JobReturn:
+    """The result of a job stopped for good (cancelled; its run ends KILLED): submitit writes it,
+    so the launcher does not wait forever for a job that will never finish. NaN, as Hydra's
+    jobs that return nothing to a sweeper."""
+    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+    ret.return_value = float("nan")
+    return ret
 
 
 class _SacctOnce(logging.Filter):
@@ -165,7 +180,8 @@ class Preemption:
     def __init__(self) -> None:
         self.submitit = signal.getsignal(signal.SIGUSR2)  # checkpoint_and_try_requeue
         self.signalled: str | None = None
-        self.requeue_self = False
+        self.requeue_self = False  # only signalled: nobody else will requeue it
+        self.comes_back = False  # SLURM itself is requeuing it
         for sig in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
 
@@ -173,9 +189,10 @@ class Preemption:
         if self.signalled:  # our own requeue's TERM, or SLURM repeating itself
             return
         self.signalled = signal.Signals(signum).name
-        state, comes_back = job_fate()
-        self.requeue_self = state == "RUNNING"  # only signalled: nobody else requeues it
-        reason = REQUEUED if self.requeue_self or comes_back else self.signalled
+        state, self.comes_back = job_fate()
+        # USR2 is submitit's "time limit near": requeue, as submitit would, if SLURM won't say
+        self.requeue_self = state == "RUNNING" or (state == "UNKNOWN" and signum != signal.SIGTERM)
+        reason = REQUEUED if self.requeue_self or self.comes_back else self.signalled
         then = "requeued" if reason == REQUEUED else "stopped"
         log.warning(
             "%s (job %s): checkpointing after this step; the job is %s", self.signalled, state, then

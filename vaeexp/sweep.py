@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vaeexp.config import NOT_RESUME_IDENTITY
+from vaeexp.config import WHERE_OR_HOW
 from vaeexp.paths import EARLIER_FILE, PARENT_FILE, earlier_sweeps, parent_run_id
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,13 @@ _CURRENT: dict[str, str] = {}  # this process's sweep: its store and parent run 
 
 def sweep_identity(overrides: list[str]) -> str:
     """What makes two sweep commands one sweep for `resume=auto`: their overrides, less those
-    that change nothing trained (config.NOT_RESUME_IDENTITY: where it logs, epochs...)."""
+    that change nothing trained (config.WHERE_OR_HOW: where it logs, `resume` itself...)."""
     kept = sorted(
         o
         for o in overrides
         if not any(
             (key := o.lstrip("+~").split("=", 1)[0]) == k or key.startswith(f"{k}.")
-            for k in NOT_RESUME_IDENTITY
+            for k in WHERE_OR_HOW
         )
     )
     return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:16]
@@ -51,9 +53,8 @@ def interrupted() -> bool:
 
     with contextlib.suppress(Exception):  # a store that is down must not hide the next line
         MlflowClient(uri).set_terminated(parent, "KILLED")
-    again = " ".join(["python -m vaeexp", *sys.argv[1:]])
-    if "resume=auto" not in sys.argv:
-        again += " resume=auto"
+    args = [*sys.argv[1:], *([] if "resume=auto" in sys.argv else ["resume=auto"])]
+    again = f"python -m vaeexp {shlex.join(args)}"
     print(
         f"vaeexp: sweep interrupted; its parent run {parent} is KILLED. To continue it (finished "
         f"jobs are kept, stopped ones continue from their checkpoints): {again}",
@@ -80,29 +81,31 @@ def _continue(client: Any, run: Any, folder: Path) -> str:
     (folder / EARLIER_FILE).write_text("".join(f"{p}\n" for p in earlier))
     client.set_tag(run.info.run_id, "sweep", str(folder))
     client.update_run(run.info.run_id, status="RUNNING")
-    _drop_unfinished_without_checkpoint(client, run, folder)
     log.info(
         "resume=auto: continuing the sweep of parent run %s (%s)", run.info.run_id, last or "?"
     )
     return run.info.run_id
 
 
-def _drop_unfinished_without_checkpoint(client: Any, parent: Any, folder: Path) -> None:
-    """A job stopped before its first checkpoint starts afresh in the resumed sweep, in a new
-    run: its old run would stand beside it as a second, unfinished child. Delete it (MLflow
-    keeps deleted runs restorable) and say why in a tag."""
-    from vaeexp.checkpoint import FILENAME
-
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+def _best_group(client: Any, parent: str, summary: Path) -> str | None:
+    """Over seeds, the setting to believe is the group with the best mean, not the luckiest run:
+    say it (from the report's summary) and tag the parent with it. None if runs were not
+    grouped."""
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None
+    groups = {k: g for k, g in data.get("groups", {}).items() if g.get("test/loss", {}).get("n")}
+    if not data.get("grouped_by") or not groups:
+        return None
+    label, group = min(groups.items(), key=lambda kv: kv[1]["test/loss"]["mean"])
+    loss = group["test/loss"]
+    client.set_tag(parent, "best_group", label)
+    spread = f" ± {loss['std']:.2f}" if "std" in loss else ""
+    return (
+        f"best setting {label}: test loss {loss['mean']:.2f}{spread} nats per image, mean over "
+        f"{int(loss['n'])} runs"
     )
-    for child in children:
-        ckpt = Path(child.data.tags.get("output_dir", "")) / FILENAME
-        if child.info.status != "FINISHED" and not ckpt.is_file():
-            reason = f"stopped before its first checkpoint; trained afresh by the sweep in {folder}"
-            client.set_tag(child.info.run_id, "superseded", reason)
-            client.delete_run(child.info.run_id)
-            log.info("resume=auto: run %s %s", child.info.run_name, reason)
 
 
 def _check_launcher(config: DictConfig) -> None:
@@ -216,6 +219,9 @@ class SweepRun(Callback):
             if finished
             else "no run finished"
         )
+        group_line = _best_group(client, parent, out / "summary.json")
+        if group_line:
+            best_line = f"{group_line}\n  {best_line}"
         print(
             f"vaeexp: sweep of {len(children)} runs ({failed} not finished), parent run {parent}\n"
             f"  {best_line}\n"

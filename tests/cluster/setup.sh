@@ -67,6 +67,10 @@ PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 )
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+if [ -f "$conf" ] && ! head -1 "$conf" | grep -q "^# Written by vaeexp"; then
+  echo "tests/cluster/setup.sh: $conf is not ours (a real cluster's?): leaving it alone" >&2
+  exit 1
+fi
 changed=0
 if [ ! -f "$conf" ] || [ "$(cat "$conf")" != "$want" ]; then
   printf '%s\n' "$want" > "$conf"

@@ -70,7 +70,7 @@ def plot_loss_vs_values(groups: list[Group], keys: list[str], out: Path, spread:
         ax.set_ylabel("final test loss (nats)")
     what = "mean and min-max" if spread == "minmax" else "mean +- 1 std"
     fig.suptitle(
-        f"blue: {what} of finished runs; grey: each run; red: failed or diverged runs",
+        f"blue: {what} of finished runs\ngrey: each run; red: failed or diverged runs",
         fontsize=9,
     )
     path = out / "test_loss_vs_values.png"

@@ -113,7 +113,7 @@ def group_table(groups: list[Group], by: list[str]) -> dict:
         cells += [{"v": g.values.get(k, "")} for k in by]
         for m in GROUP_METRICS:
             mean, std = g.stat(m, "mean"), g.stat(m, "std")
-            text = "" if mean is None else num(mean) + (f" ± {num(std)}" if std else "")
+            text = "" if mean is None else num(mean) + (f" ± {num(std)}" if std is not None else "")
             n = g.stat(m, "n") or 0
             sub = f"{num(g.stat(m, 'min'))}-{num(g.stat(m, 'max'))}" if n > 1 else ""
             cells.append({"v": num(mean, 6), "text": text, "sub": sub})

@@ -113,6 +113,23 @@ def run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
+def unfinished_run_in(tracking: TrackingConfig, folders: list[Path]) -> str | None:
+    """The unfinished run that trained in one of `folders` (its `output_dir` tag) and left no
+    checkpoint: a job stopped before its first one continues that run, not a second one."""
+    client = MlflowClient(tracking.uri)
+    experiment = experiment_for(client, tracking)
+    for folder in folders:
+        found = client.search_runs(
+            [experiment],
+            f"tags.output_dir = '{folder}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found and found[0].info.status != "FINISHED":
+            return found[0].info.run_id
+    return None
+
+
 def finished_run(uri: str, state: dict, epochs: int) -> str | None:
     """The name of the run a checkpoint belongs to if that run is FINISHED and trained `epochs`
     already: resuming it would train nothing and log its last results twice."""
