@@ -91,6 +91,8 @@ def test_sweep_against_a_real_tracking_server(tmp_path):
         report = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
         assert "report/report.html" in report
         assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing went to a local store
+        assert "View run" not in result.stdout  # MLflow's links open the GenAI view; ours do not
+        assert "?workflowType=machine_learning" in result.stdout
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -224,8 +224,11 @@ def steady_memory() -> None:
 
 
 def quiet_mlflow() -> None:
-    """No progress bars of MLflow's own between our log lines (a user's setting wins)."""
+    """No progress bars of MLflow's own between our log lines, and none of its "View run" lines
+    against a server: their links open the UI's GenAI view, where our summaries' links open the
+    model-training one (a user's setting wins)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def main() -> None:
