@@ -177,6 +177,7 @@ def _multirun(hc: Any) -> bool:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vaeexp.checkpoint import CheckpointError
     from vaeexp.data import DataUnavailable, IdxError
+    from vaeexp.slurm import JobExited
     from vaeexp.step import Diverged
     from vaeexp.tracking.outbox import DeliveryIncomplete
     from vaeexp.tracking.store import TrackingUnavailable
@@ -191,6 +192,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         IdxError,
         CheckpointError,
         Diverged,
+        JobExited,
     )
 
 

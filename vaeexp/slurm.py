@@ -139,6 +139,28 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             elif preemption.comes_back:
                 raise  # SLURM requeues it: no result yet, the launcher waits for its next start
             return stopped(overrides)
+        except SystemExit as e:  # vaeexp's one-line errors (a bad value): no result otherwise
+            if not e.code:
+                raise
+            ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+            ret.return_value = JobExited(f"{' '.join(overrides)}: {_last_error()}")
+            return ret
+
+
+class JobExited(RuntimeError):
+    """A sweep's SLURM job stopped with one of vaeexp's errors; the sweep ends with it."""
+
+
+def _last_error() -> str:
+    """The job's own error line, from its stderr (submitit's log file)."""
+    import submitit
+
+    path = submitit.JobEnvironment().paths.stderr
+    with contextlib.suppress(OSError):
+        said = [x for x in path.read_text().splitlines() if x.startswith("vaeexp: error: ")]
+        if said:
+            return said[-1].removeprefix("vaeexp: error: ")
+    return f"the job stopped; its log says why: {path}"
 
 
 def stopped(overrides: list[str]) -> JobReturn:

@@ -222,3 +222,15 @@ def test_ctrl_c_cancels_the_jobs_and_resume_auto_continues_the_sweep(tmp_path: P
     assert children[0].info.end_time == finished.info.end_time  # not trained again
     assert children[1].data.tags["resumed_from"] == "auto"
     assert_whole(client, children[1], children[2])
+
+
+def test_a_job_stopped_by_a_bad_value_ends_the_sweep_with_its_line(tmp_path: Path):
+    """The job exits with vaeexp's one line; without accounting, submitit would wait forever for
+    a job that wrote no result."""
+    quick = ["epochs=1", "data=mnist_bundled", "data.train_limit=200", "data.test_limit=100"]
+    quick += ["progress=false", "iwae.images=0", "film=off"]
+    result = run_cli(*SLURM, "latent_dim=2,-1", *quick, env=env_for(tmp_path), timeout=240)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vaeexp: error: latent_dim=-1 epochs=1 ")
+    assert last.endswith(": latent_dim=-1 is not allowed: must be an integer >= 1")
