@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,42 @@ def run_cli(
         env=full_env,
         cwd=cwd or tempfile.gettempdir(),
     )
+
+
+def start_cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`python -m vaeexp ...` in the background, as a user starts it, its output in `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vaeexp", *args],
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=out,
+        )
+
+
+def wait_for(what: str, ready: Callable[[], object], timeout: float = 240) -> object:
+    """Poll `ready` until it returns something true; fail, naming `what`, after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := ready():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")
+
+
+def sweep_of(client):
+    """(parent, children by latent_dim) of the one sweep in the store's `vaeexp` experiment."""
+    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted(
+        (r for r in runs if r is not parent), key=lambda r: r.data.params["latent_dim"]
+    )
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    return parent, children
+
+
+def metric_steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def env_for(root: Path) -> dict[str, str]:

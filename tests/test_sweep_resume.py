@@ -5,17 +5,13 @@ tests/cluster/test_slurm.py.)"""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import env_for, run_cli
+from tests.conftest import env_for, metric_steps, run_cli, start_cli, sweep_of, wait_for
 from vaeexp.sweep import sweep_identity
 
 # Long enough to be interrupted mid-training (15 steps an epoch), quick to start.
@@ -25,40 +21,11 @@ TRAIN += ["latent_dim=2,3,4"]
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
 
 
-def wait_for(what: str, ready, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := ready():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"waited {timeout:.0f} s for {what}")
-
-
-def runs_of(client: MlflowClient):
-    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
-    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = sorted(
-        (r for r in runs if r is not parent), key=lambda r: r.data.params["latent_dim"]
-    )
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
-    return parent, children
-
-
-def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_an_interrupted_sweep_resumes_into_its_parent_run(tmp_path: Path, launcher: str):
     env = env_for(tmp_path)
     args = ["-m", *LAUNCHERS[launcher], *TRAIN]
-    with (tmp_path / "first.log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vaeexp", *args],
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=log,
-        )
+    proc = start_cli(*args, env=env, log=tmp_path / "first.log")
     runs = tmp_path / "runs"
     folder = wait_for("the sweep", lambda: next(runs.glob("multirun/*/*/multirun.yaml"), None))
     wait_for("job 1 training", (folder.parent / "1" / "checkpoint.json").is_file)
@@ -67,7 +34,7 @@ def test_an_interrupted_sweep_resumes_into_its_parent_run(tmp_path: Path, launch
     said = (tmp_path / "first.log").read_text()
     assert "sweep interrupted" in said and "resume=auto" in said
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parent, before = runs_of(client)
+    parent, before = sweep_of(client)
     assert parent.info.status == "KILLED"
     assert len(before) < 3 or before[2].info.status != "FINISHED"  # stopped before the end
     finished = {r.info.run_id: r.info.end_time for r in before if r.info.status == "FINISHED"}
@@ -76,16 +43,16 @@ def test_an_interrupted_sweep_resumes_into_its_parent_run(tmp_path: Path, launch
 
     again = run_cli(*args, "resume=auto", env=env, timeout=400)
     assert again.returncode == 0, again.stderr[-3000:]
-    same, after = runs_of(client)
+    same, after = sweep_of(client)
     assert same.info.run_id == parent.info.run_id and same.info.status == "FINISHED"
     assert [r.info.status for r in after] == ["FINISHED"] * 3
     assert {r.info.run_id: r.info.end_time for r in after if r.info.run_id in finished} == finished
     # continued in place, a run stopped before its first checkpoint included
     assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}
     for run in after:  # every point once: what an uninterrupted run logs
-        assert steps(client, run.info.run_id, "test/loss") == list(range(1, 7))
-        assert len(steps(client, run.info.run_id, "train/loss_step")) == len(
-            set(steps(client, run.info.run_id, "train/loss_step"))
+        assert metric_steps(client, run.info.run_id, "test/loss") == list(range(1, 7))
+        assert len(metric_steps(client, run.info.run_id, "train/loss_step")) == len(
+            set(metric_steps(client, run.info.run_id, "train/loss_step"))
         )
     assert f"parent run {parent.info.run_id}" in again.stdout
 

@@ -20,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vaeexp.config import WHERE_OR_HOW
+from vaeexp.config import is_where_or_how
 from vaeexp.paths import EARLIER_FILE, PARENT_FILE, earlier_sweeps, parent_run_id
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,7 @@ _CURRENT: dict[str, str] = {}  # this process's sweep: its store and parent run 
 def sweep_identity(overrides: list[str]) -> str:
     """What makes two sweep commands one sweep for `resume=auto`: their overrides, less those
     that change nothing trained (config.WHERE_OR_HOW: where it logs, `resume` itself...)."""
-    kept = sorted(
-        o
-        for o in overrides
-        if not any(
-            (key := o.lstrip("+~").split("=", 1)[0]) == k or key.startswith(f"{k}.")
-            for k in WHERE_OR_HOW
-        )
-    )
+    kept = sorted(o for o in overrides if not is_where_or_how(o.lstrip("+~").split("=", 1)[0]))
     return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:16]
 
 

@@ -10,16 +10,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import env_for, free_port, mlflow_server, run_cli
+from tests.conftest import (
+    env_for,
+    free_port,
+    metric_steps,
+    mlflow_server,
+    run_cli,
+    start_cli,
+    sweep_of,
+    wait_for,
+)
 
 SETUP = "run `sudo bash tests/cluster/setup.sh` first (CI does)"
 DATABASE = "postgresql://vaeexp:vaeexp@127.0.0.1:5432/vaeexp"
@@ -78,22 +86,9 @@ def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     proc.wait(timeout=30)
 
 
-def wait_for(what: str, ready: Callable[[], object], timeout: float = 240) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := ready():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"waited {timeout:.0f} s for {what}")
-
-
 def launch(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    """`python -m vaeexp -m hydra/launcher=slurm ...`, in the background, as a user starts it."""
-    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "vaeexp", *SLURM, *args], env=full, stdout=out, stderr=out
-        )
+    """`python -m vaeexp -m hydra/launcher=slurm ...`, in the background."""
+    return start_cli(*SLURM, *args, env=env, log=log)
 
 
 def sweep_folder(runs: Path) -> Path:
@@ -119,24 +114,12 @@ def release(job: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 
-def sweep(client: MlflowClient):
-    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
-    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = sorted(
-        (r for r in runs if r is not parent), key=lambda r: r.data.params["latent_dim"]
-    )
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
-    return parent, children
-
-
-def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
 def assert_whole(client: MlflowClient, run, like) -> None:
     """`run` has exactly the metric points of `like`, an uninterrupted run of the same length."""
     for key in ("train/loss_step", "train/loss", "test/loss", "test/kl"):
-        assert steps(client, run.info.run_id, key) == steps(client, like.info.run_id, key), key
+        assert metric_steps(client, run.info.run_id, key) == metric_steps(
+            client, like.info.run_id, key
+        ), key
 
 
 def test_sweep_on_postgres_server_survives_requeue_and_signal(server: str, tmp_path: Path):
@@ -157,7 +140,7 @@ def test_sweep_on_postgres_server_survives_requeue_and_signal(server: str, tmp_p
     finally:
         proc.kill()
     client = MlflowClient(server)
-    parent, children = sweep(client)
+    parent, children = sweep_of(client)
     assert parent.info.status == "FINISHED"
     assert [r.info.status for r in children] == ["FINISHED"] * 3
     first, second, untouched = children
@@ -165,7 +148,7 @@ def test_sweep_on_postgres_server_survives_requeue_and_signal(server: str, tmp_p
         assert run.data.tags["resumed_from"] == "auto"
         assert_whole(client, run, untouched)
     assert "resumed_from" not in untouched.data.tags
-    assert steps(client, untouched.info.run_id, "test/loss") == list(range(1, 13))
+    assert metric_steps(client, untouched.info.run_id, "test/loss") == list(range(1, 13))
     job_logs = [(folder / str(n) / "app.log").read_text() for n in (0, 1)]
     assert all("resumed at epoch" in text for text in job_logs)
     assert "requeueing through submitit" in job_logs[1]  # only signalled: it requeued itself
@@ -209,14 +192,14 @@ def test_ctrl_c_cancels_the_jobs_and_resume_auto_continues_the_sweep(tmp_path: P
     array = job_id(folder, 0).split("_")[0]
     wait_for("the jobs gone from the queue", lambda: array not in squeue("-o", "%i"), 60)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parent, children = sweep(client)
+    parent, children = sweep_of(client)
     assert parent.info.status == "KILLED"
     assert [r.info.status for r in children] == ["FINISHED", "KILLED"]  # the third never started
     finished = children[0]
 
     again = run_cli(*SLURM, *args, "resume=auto", env=env, timeout=400)  # side by side now
     assert again.returncode == 0, again.stderr[-3000:]
-    same, children = sweep(client)
+    same, children = sweep_of(client)
     assert same.info.run_id == parent.info.run_id and same.info.status == "FINISHED"
     assert [r.info.status for r in children] == ["FINISHED"] * 3
     assert children[0].info.end_time == finished.info.end_time  # not trained again
