@@ -189,6 +189,9 @@ def test_cli_group_by_no_group_and_what_is_logged(store, tmp_path, capsys):
     with pytest.raises(SystemExit) as unknown:
         main(["--uri", uri, "--parent", parent, "--group-by", "latnt_dim"])
     assert "--group-by latnt_dim: no run has such a setting" in str(unknown.value)
+    with pytest.raises(SystemExit) as unquoted:
+        main(["--uri", uri, "--parent", parent, "--filter", "params.latent_dim=8"])
+    assert "--filter 'params.latent_dim=8': Expected a quoted string" in str(unquoted.value)
 
 
 def test_filter_compares_runs_from_several_sweeps(store, tmp_path, capsys):

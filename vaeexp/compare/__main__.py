@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
             log_to_parent=not args.no_log,
         )
     except (LookupError, mlflow.exceptions.MlflowException) as e:
-        cli.fail(PROG, str(e).splitlines()[0])
+        message = str(e).splitlines()[0]
+        if args.filter and getattr(e, "error_code", "") == "INVALID_PARAMETER_VALUE":
+            message = f"--filter {args.filter!r}: {message} (MLflow's search syntax)"
+        cli.fail(PROG, message)
     print(f"vaeexp.compare: wrote {len(files)} files to {out}; open {out / 'report.html'}")
     if logs_to_parent(parent, args.filter, not args.no_log):
         print(f"  logged to parent run {parent}: report/, group metrics, children's group tags")
