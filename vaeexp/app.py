@@ -96,15 +96,10 @@ def _train(cfg: DictConfig) -> float:
     resume, adopted = None, None
     if typed.resume:
         sweep = sweep_folder()  # a sweep's job continues only its own sweep's runs
-        path = resolve_resume(
-            typed.resume,
-            typed,
-            Path(typed.paths.runs),
-            output_dir,
-            earlier_sweeps(sweep) if sweep else None,
-        )
+        earlier = earlier_sweeps(sweep) if sweep else None
+        path = resolve_resume(typed.resume, typed, Path(typed.paths.runs), output_dir, earlier)
         if path is None:
-            folders = job_folders(typed, output_dir, earlier_sweeps(sweep) if sweep else [])
+            folders = job_folders(typed, output_dir, earlier or [])
             adopted = unfinished_run_in(typed.tracking, folders) if typed.resume == "auto" else None
             log.info(
                 "resume=auto: no checkpoint of this configuration yet; starting afresh%s",
