@@ -11,6 +11,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import functools
+import gzip
+import hashlib
 import http.server
 import shutil
 import socket
@@ -28,8 +30,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from vaeexp.config import register
-from vaeexp.data import write_idx
-from vaeexp.data.datasets import FILES
 from vaeexp.paths import CONF_DIR
 
 register()
@@ -44,18 +44,35 @@ def make_cfg(*overrides: str) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-def write_fake_idx_set(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> None:
-    """Four valid IDX files in MNIST's layout, with random pixels."""
+IDX_FILES = (  # MNIST's four files, as its family of datasets names them
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def write_fake_idx_set(
+    folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0, gzipped: bool = True
+) -> dict[str, str]:
+    """MNIST's four IDX files (gzipped, or unpacked as torchvision keeps them) with random
+    pixels; returns each file's MD5."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_x": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train_y": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "test_x": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "test_y": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for key, name in FILES.items():
-        write_idx(folder / name, arrays[key])
+    arrays = (
+        rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        rng.integers(0, 10, n_train, dtype=np.uint8),
+        rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        rng.integers(0, 10, n_test, dtype=np.uint8),
+    )
+    md5s = {}
+    for name, array in zip(IDX_FILES, arrays, strict=True):
+        body = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+        body += array.tobytes()
+        name = name if gzipped else name.removesuffix(".gz")
+        (folder / name).write_bytes(gzip.compress(body, mtime=0) if gzipped else body)
+        md5s[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    return md5s
 
 
 @pytest.fixture

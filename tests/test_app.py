@@ -28,7 +28,7 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     elsewhere = root / "some" / "other" / "folder"  # runs land in the store whatever the cwd
     elsewhere.mkdir(parents=True)
-    env = env_for(root)
+    env = env_for(root) | {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # MLflow's: 10 s
     result = run_cli(*ARGS, env=env, cwd=elsewhere)
     assert result.returncode == 0, result.stderr[-3000:]
     client, experiment, run = only_run(env)
@@ -60,6 +60,15 @@ def test_run_finished_with_name_params_and_tags(finished):
         == 0
     ):
         assert len(t["mlflow.source.git.commit"]) == 40
+
+
+def test_system_metrics_beside_the_runs_own(finished):
+    _, _, _, run, result = finished
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    if not torch.cuda.is_available():
+        assert not any("gpu" in k for k in system)
+    assert "system metrics" not in result.stderr  # MLflow's INFO lines about its monitor
 
 
 def test_metric_histories(finished):

@@ -1,5 +1,8 @@
 """Every bad value is refused with one line naming the key, before data or MLflow is touched."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +33,16 @@ from vaeexp.config import Binarize, Optimizer
             "data.binarize=maybe",
             "data.binarize=maybe is not allowed: must be one of none, static, dynamic",
         ),
-        ("data.fallback=perhaps", "data.fallback=perhaps is not allowed: must be true or false"),
+        (
+            "data.fallback=perhaps",
+            "data.fallback=perhaps is not allowed: must be null (no fallback) or a data config: "
+            "fashion_mnist, kmnist, mnist, mnist_bundled",
+        ),
+        (
+            "data.mirrors=[]",
+            "data.mirrors=[] is not allowed: must be null (the dataset's own mirrors) or a list "
+            "of base URLs",
+        ),
         (
             "resume=/no/such/run",
             "resume=/no/such/run is not allowed: must be auto, a run folder, a checkpoint file "
@@ -99,3 +111,27 @@ def test_dry_run_validates_every_job_of_a_sweep_without_training(store):
     )
     assert not (Path(store["VAEEXP_RUNS"]) / "mlflow.db").exists()  # no run, no data, no training
     assert not Path(store["VAEEXP_DATA"]).exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "vaeexp", "--help"],
+        ["-m", "vaeexp", "latent_dim=8", "dry_run=true"],
+        ["-m", "vaeexp.compare", "--help"],
+        ["-m", "vaeexp.film", "--help"],
+        ["-m", "vaeexp.iwae", "--help"],
+        ["-m", "vaeexp.sync", "--help"],
+        ["-m", "vaeexp.ui", "--help"],
+    ],
+)
+def test_small_commands_never_import_torchvision(command, store):
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **store},
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| torchvision" not in out.stderr  # importtime lists every module it imported

@@ -2,11 +2,11 @@ import logging
 
 import pytest
 import torch
+import torchvision
+from mlflow.tracking import MlflowClient
 
-from tests.conftest import make_cfg, write_fake_idx_set
-from vaeexp.data import DataUnavailable, IdxError, load_data
-from vaeexp.data import datasets as ds
-from vaeexp.data.download import md5sum
+from tests.conftest import IDX_FILES, TINY, make_cfg, run_cli, write_fake_idx_set
+from vaeexp.data import DataUnavailable, load_data
 
 OFFLINE = "data.mirrors=[http://127.0.0.1:9/]"  # nothing listens on port 9: fails at once
 
@@ -20,6 +20,7 @@ def test_bundled_digits_stratified_fixed_split():
     )
     assert data.train_y.bincount().tolist() == [450] * 10
     assert data.test_y.bincount().tolist() == [50] * 10
+    assert data.class_names == tuple("0123456789")
     again = load_data(make_cfg("data=mnist_bundled", "seed=7").data)
     assert torch.equal(again.test_x, data.test_x)  # the split does not move with the seed
     # train and test are disjoint images
@@ -29,14 +30,15 @@ def test_bundled_digits_stratified_fixed_split():
     )
 
 
-def test_reads_cached_idx_files(tmp_path):
-    write_fake_idx_set(tmp_path / "mnist", n_train=30, n_test=10)
+def test_reads_torchvisions_cache(tmp_path):
+    write_fake_idx_set(tmp_path / "MNIST" / "raw", n_train=30, n_test=10, gzipped=False)
     data = load_data(make_cfg(f"data.root={tmp_path}", "data.download=false").data)
-    assert data.resolved == "mnist" and data.source == str(tmp_path / "mnist")
+    assert data.resolved == "mnist" and data.source == str(tmp_path / "MNIST" / "raw")
     assert data.train_x.shape == (30, 784) and data.test_y.shape == (10,)
+    assert data.class_names == tuple("0123456789")  # torchvision's "0 - zero", shortened
 
 
-def test_fashion_from_system_folder(tmp_path):
+def test_fashion_from_system_folder_seeds_the_cache(tmp_path):
     write_fake_idx_set(tmp_path / "system")
     cfg = make_cfg(
         "data=fashion_mnist",
@@ -46,39 +48,61 @@ def test_fashion_from_system_folder(tmp_path):
     )
     data = load_data(cfg.data)
     assert data.resolved == "fashion_mnist" and data.source == str(tmp_path / "system")
+    assert data.class_names[0] == "T-shirt/top"  # torchvision's classes
+    for f in IDX_FILES:
+        (tmp_path / "system" / f).unlink()
+    again = load_data(cfg.data)  # the cache is now enough
+    assert again.source == str(tmp_path / "cache" / "FashionMNIST" / "raw")
+    assert torch.equal(again.train_x, data.train_x)
 
 
-def test_download_into_cache_then_reuse(http_root, tmp_path, monkeypatch):
+def test_download_verified_into_cache_then_reuse(http_root, tmp_path, monkeypatch):
+    """torchvision's own download and MD5 check, from a real HTTP server: a mirror that serves
+    a wrong file is passed over for the next."""
     root, url = http_root
-    write_fake_idx_set(root / "kmnist-files")
-    md5s = tuple(md5sum(root / "kmnist-files" / f) for f in ds.FILES.values())
-    monkeypatch.setitem(ds.MD5, "kmnist", md5s)  # our fake files stand in for KMNIST's
+    md5s = write_fake_idx_set(root / "good")
+    write_fake_idx_set(root / "bad", seed=1)  # valid files, other bytes: wrong MD5
+    monkeypatch.setattr(  # our fake files stand in for KMNIST's
+        torchvision.datasets.KMNIST, "resources", [(f, md5s[f]) for f in IDX_FILES]
+    )
     cfg = make_cfg(
         "data=kmnist",
         f"data.root={tmp_path / 'cache'}",
-        f"data.mirrors=[{url}/nothing-here/,{url}/kmnist-files/]",
+        f"data.mirrors=[{url}/nothing-here/,{url}/bad/,{url}/good/]",
     )
     data = load_data(cfg.data, progress=False)
     assert data.resolved == "kmnist" and len(data.train_x) == 60
-    assert sorted(p.name for p in (tmp_path / "cache" / "kmnist").iterdir()) == sorted(
-        ds.FILES.values()
-    )
-    for f in ds.FILES.values():
-        (root / "kmnist-files" / f).unlink()  # the cache must now be enough
+    assert data.class_names[:2] == ("o", "ki")
+    for f in IDX_FILES:
+        (root / "good" / f).unlink()  # the cache must now be enough
     assert torch.equal(load_data(cfg.data, progress=False).train_x, data.train_x)
+
+
+def test_download_with_only_wrong_files_fails_in_one_line(http_root, tmp_path, monkeypatch):
+    root, url = http_root
+    write_fake_idx_set(root / "bad")
+    monkeypatch.setattr(
+        torchvision.datasets.KMNIST, "resources", [(f, "0" * 32) for f in IDX_FILES]
+    )
+    cfg = make_cfg("data=kmnist", f"data.root={tmp_path}", f"data.mirrors=[{url}/bad/]")
+    with pytest.raises(DataUnavailable, match=r"data=kmnist: .*download failed") as e:
+        load_data(cfg.data, progress=False)
+    assert "\n" not in str(e.value)
 
 
 def test_offline_mnist_falls_back_loudly(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         data = load_data(make_cfg(f"data.root={tmp_path}", OFFLINE).data, progress=False)
     assert data.resolved == "mnist_bundled" and len(data.train_x) == 4500
-    assert "FULL MNIST IS NOT AVAILABLE" in caplog.text and "data.fallback=false" in caplog.text
+    assert "DATA=MNIST IS NOT AVAILABLE" in caplog.text
+    assert "NOT comparable with data=mnist" in caplog.text
+    assert "data.fallback=null" in caplog.text and "127.0.0.1:9" in caplog.text
 
 
-def test_fallback_false_is_an_error(tmp_path):
+def test_fallback_null_is_an_error(tmp_path):
     with pytest.raises(DataUnavailable) as e:
         load_data(
-            make_cfg(f"data.root={tmp_path}", OFFLINE, "data.fallback=false").data, progress=False
+            make_cfg(f"data.root={tmp_path}", OFFLINE, "data.fallback=null").data, progress=False
         )
     assert "data=mnist" in str(e.value) and "127.0.0.1:9" in str(e.value)
 
@@ -93,12 +117,43 @@ def test_no_fallback_for_other_datasets(tmp_path):
         )
 
 
-def test_corrupt_cached_file_names_it(tmp_path):
-    write_fake_idx_set(tmp_path / "mnist")
-    bad = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+def test_damaged_download_in_the_cache_is_named(tmp_path, monkeypatch):
+    """A kept archive whose MD5 is not torchvision's: named, never trained on."""
+    raw = tmp_path / "KMNIST" / "raw"
+    md5s = write_fake_idx_set(raw)
+    write_fake_idx_set(raw, gzipped=False)
+    monkeypatch.setattr(torchvision.datasets.KMNIST, "resources", [(f, md5s[f]) for f in IDX_FILES])
+    bad = raw / "train-labels-idx1-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:20])
-    with pytest.raises(IdxError, match=r"train-labels-idx1-ubyte\.gz"):
-        load_data(make_cfg(f"data.root={tmp_path}").data)
+    with pytest.raises(DataUnavailable, match=r"train-labels-idx1-ubyte\.gz: corrupt"):
+        load_data(make_cfg("data=kmnist", f"data.root={tmp_path}").data)
+
+
+@pytest.mark.parametrize("cut", [20, 3, 1000])
+def test_truncated_file_in_the_cache_is_named(tmp_path, cut):
+    raw = tmp_path / "MNIST" / "raw"
+    write_fake_idx_set(raw, gzipped=False)
+    bad = raw / "train-images-idx3-ubyte"
+    bad.write_bytes(bad.read_bytes()[:cut])
+    with pytest.raises(DataUnavailable, match=r"train-images-idx3-ubyte: not a readable") as e:
+        load_data(make_cfg(f"data.root={tmp_path}", "data.fallback=null").data)
+    assert "delete it" in str(e.value)
+
+
+def test_a_run_on_a_damaged_cache_ends_in_one_line(tmp_path, store):
+    raw = tmp_path / "data" / "MNIST" / "raw"  # the store fixture's VAEEXP_DATA
+    write_fake_idx_set(raw, gzipped=False)
+    bad = raw / "t10k-labels-idx1-ubyte"
+    bad.write_bytes(bad.read_bytes()[:-3])
+    out = run_cli("data=mnist", *TINY[1:], "epochs=1", "film=off", env=store)
+    assert out.returncode == 1, out.stderr
+    [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("vaeexp: error:")]
+    assert "t10k-labels-idx1-ubyte: not a readable dataset file" in line
+    assert "Traceback" not in out.stderr and "mnist_bundled" not in out.stderr  # no fallback
+    db = tmp_path / "runs" / "mlflow.db"
+    if db.exists():  # no run was created
+        client = MlflowClient(f"sqlite:///{db}")
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def test_limits_and_binarization():

@@ -171,7 +171,7 @@ def _multirun(hc: Any) -> bool:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vaeexp.checkpoint import CheckpointError
-    from vaeexp.data import DataUnavailable, IdxError
+    from vaeexp.data import DataUnavailable
     from vaeexp.slurm import JobExited
     from vaeexp.step import Diverged
     from vaeexp.tracking.outbox import DeliveryIncomplete
@@ -184,7 +184,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         HydraException,
         OmegaConfBaseException,
         DataUnavailable,
-        IdxError,
         CheckpointError,
         Diverged,
         JobExited,
@@ -221,11 +220,13 @@ def steady_memory() -> None:
 
 
 def quiet_mlflow() -> None:
-    """No progress bars of MLflow's own between our log lines, and none of its "View run" lines
-    against a server: their links open the UI's GenAI view, where our summaries' links open the
-    model-training one (a user's setting wins)."""
+    """No progress bars or chatter of MLflow's own between our log lines, and none of its "View
+    run" lines against a server: their links open the UI's GenAI view, where our summaries' links
+    open the model-training one (a user's setting wins)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # Its system-metrics monitor says at INFO that it starts, stops, and finds no GPU.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def main() -> None:

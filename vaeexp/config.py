@@ -75,13 +75,6 @@ class FilmPrecision(Enum):
     bf16 = "bf16"
 
 
-class DatasetName(Enum):
-    mnist = "mnist"
-    fashion_mnist = "fashion_mnist"
-    kmnist = "kmnist"
-    mnist_bundled = "mnist_bundled"
-
-
 class Binarize(Enum):
     none = "none"  # grey pixels as Bernoulli targets, as the reference
     static = "static"  # thresholded once
@@ -90,12 +83,17 @@ class Binarize(Enum):
 
 @dataclass
 class DataConfig:
-    name: DatasetName = MISSING  # set by the data group: data=mnist, data=fashion_mnist, ...
+    """A dataset, defined once in its file of the data group (`conf/data/<name>.yaml`)."""
+
+    name: str = MISSING  # the data group's option: data=mnist, data=fashion_mnist, ...
+    # The dataset class: a torchvision one (its mirrors, MD5 sums and reader), or any class with
+    # its constructor (root, train, download) and `data`, `targets`, `classes`.
+    _target_: str = MISSING
     root: str = "${vaeexp.data_root:}"  # download cache; VAEEXP_DATA overrides
-    mirrors: list[str] = field(default_factory=list)
+    mirrors: list[str] | None = None  # null: the dataset class's own mirrors
     system_dirs: list[str] = field(default_factory=list)  # read-only copies, e.g. Debian's
     download: bool = True
-    fallback: bool = True  # MNIST only: the bundled digits when the full set is unavailable
+    fallback: str | None = None  # the data config trained on, loudly, when this one cannot be had
     binarize: Binarize = Binarize.none
     train_limit: int | None = None  # a fixed subset, for quick runs
     test_limit: int | None = None
@@ -111,6 +109,9 @@ class TrackingConfig:
     parent_run_id: str | None = "${vaeexp.sweep_parent:}"  # a sweep's parent run; see sweep.py
     log_model: bool = True
     log_images: bool = True
+    # MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory through
+    # nvidia-ml-py), logged beside the run's own: is the GPU busy?
+    system_metrics: bool = True
 
 
 @dataclass

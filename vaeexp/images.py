@@ -1,5 +1,5 @@
-"""Digit grids as uint8 arrays (no torchvision here): reconstructions, samples, latent manifold,
-and the hook that draws them once an epoch."""
+"""Digit grids as uint8 arrays (torchvision's `make_grid`): reconstructions, samples, latent
+manifold, and the hook that draws them once an epoch."""
 
 from __future__ import annotations
 
@@ -13,17 +13,14 @@ from vaeexp.model import VAE
 SIDE = 28
 
 
-def tile(images: np.ndarray | torch.Tensor, ncols: int, pad: int = 2) -> np.ndarray:
-    """Lay out (n, 784) or (n, 28, 28) images in [0, 1] as one grey uint8 image, row by row."""
-    images = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images)
-    images = images.reshape(-1, SIDE, SIDE)
-    nrows = -(-len(images) // ncols)
-    cell = SIDE + pad
-    canvas = np.ones((nrows * cell + pad, ncols * cell + pad), np.float32)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncols)
-        canvas[pad + r * cell : pad + r * cell + SIDE, pad + c * cell : pad + c * cell + SIDE] = img
-    return (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
+def tile(images: torch.Tensor, ncols: int, pad: int = 2) -> np.ndarray:
+    """Lay out (n, 784) images in [0, 1] as one grey uint8 image, row by row, on white.
+    torchvision is imported here, where a grid is drawn, not when the module is."""
+    from torchvision.utils import make_grid
+
+    cells = images.detach().float().cpu().reshape(-1, 1, SIDE, SIDE)
+    grid = make_grid(cells, nrow=ncols, padding=pad, pad_value=1.0)[0]
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 @torch.no_grad()

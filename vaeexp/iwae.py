@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from vaeexp import checkpoint, cli
 from vaeexp.config import Config, register
-from vaeexp.data import load_data
+from vaeexp.data import fallback_config, load_data
 from vaeexp.likelihood import iwae_nll
 from vaeexp.trainer import cpu_settings
 
@@ -26,10 +26,12 @@ def iwae_of_run(client: MlflowClient, run_id: str, k: int, images: int | None) -
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file))
     with cli.downloaded(client, run_id, checkpoint.FILENAME) as ckpt_file:
         model, _ = checkpoint.load_model(ckpt_file)
-    cfg.data.name = run.data.params.get("data.resolved", cfg.data.name)  # e.g. the fallback
-    cfg.data.download = False
+    data_cfg = OmegaConf.to_object(cfg.data)
+    if run.data.params.get("data.resolved") == data_cfg.fallback:  # it trained on the fallback
+        data_cfg = fallback_config(data_cfg)
+    data_cfg.download = False
     cpu_settings(cfg.flush_denormal)  # before the first parallel op
-    data = load_data(cfg.data, progress=False)
+    data = load_data(data_cfg, progress=False)
     return iwae_nll(model, data.test_x[:images], k)
 
 

@@ -164,9 +164,9 @@ class SweepRun(Callback):
 
     @staticmethod
     def _resolve_data_once(config: DictConfig) -> None:
-        """MNIST may fall back to the bundled digits: find out (and download) once here, so a
-        sweep warns once, not once per job; its jobs then find the files in the cache."""
-        if config.data.name.value != "mnist" or not config.data.fallback:
+        """Data with a fallback may be trained on its stand-in: find out (and download) once here,
+        so a sweep warns once, not once per job; its jobs then find the files in the cache."""
+        if config.data.fallback is None:
             return
         from omegaconf import OmegaConf
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vaeexp.config import Binarize, Config
 from vaeexp.data import Dataset
@@ -94,22 +93,12 @@ def train(
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     dynamic = cfg.data.binarize == Binarize.dynamic
     n, steps_per_epoch = len(train_x), data.steps_per_epoch(cfg.batch_size)
-    bar = tqdm(
-        total=cfg.epochs * steps_per_epoch,
-        initial=pos.step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not cfg.progress,
-        desc="training",
-    )
     model.train()
     first_step = pos.step + 1
     if film is not None and pos.step == 0:
         film.capture(0, 0, model, None, None)  # the untrained latent space
-    # Log lines go above the bar, not through it: the root logger's handlers (Hydra's) and
-    # MLflow's own, which does not propagate.
-    redirected = [logging.root, logging.getLogger("mlflow")]
-    with stop.armed(), logging_redirect_tqdm(loggers=redirected):
+    total = cfg.epochs * steps_per_epoch
+    with stop.armed(), _progress_bar(cfg.progress, total, pos.step) as bar:
         while pos.epoch < cfg.epochs:
             started = time.perf_counter()
             order = torch.Generator().manual_seed(cfg.seed * 100_003 + pos.epoch)  # stateless
@@ -146,11 +135,35 @@ def train(
                 film.on_epoch_end(pos.epoch, pos.step, model)
             save(checkpoints, training_state(cfg, model, optimizer, pos, metrics, device))
             stop.check()
-    bar.close()
     return Result(model=model, epoch=pos.epoch, step=pos.step, metrics=metrics)
 
 
-def _flush_window(pos: Position, hooks: Sequence[Hooks], bar: tqdm) -> None:
+class _NoBar:
+    def update(self) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int, initial: int) -> Iterator[Any]:
+    """tqdm's bar, with log lines above it rather than through it: the root logger's handlers
+    (Hydra's) and MLflow's own, which does not propagate. Without a bar tqdm is not imported:
+    bench/gpu.py trains where only torch, torchvision, numpy and Hydra are installed."""
+    if not enabled:
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    redirected = [logging.root, logging.getLogger("mlflow")]
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="training")
+    with bar, logging_redirect_tqdm(loggers=redirected):
+        yield bar
+
+
+def _flush_window(pos: Position, hooks: Sequence[Hooks], bar: Any) -> None:
     """One step-metric point: the mean (recon, kl) since the last one."""
     pos.epoch_sums += pos.window  # windows never straddle an epoch: its tail is flushed
     recon, kl = (pos.window / pos.window_images).tolist()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vaeexp.config import RUN_ID, Config, DatasetName, Device
+from vaeexp.config import RUN_ID, Config, Device
+from vaeexp.paths import CONF_DIR
 
 
 class ConfigError(ValueError):
@@ -72,8 +73,17 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
-    if cfg.data.name != DatasetName.mnist_bundled and cfg.data.download and not cfg.data.mirrors:
-        raise ConfigError("data.mirrors is empty: list at least one mirror, or data.download=false")
+    if cfg.data.mirrors is not None and not cfg.data.mirrors:
+        raise ConfigError(
+            "data.mirrors=[] is not allowed: must be null (the dataset's own mirrors) or a list "
+            "of base URLs"
+        )
+    data_configs = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    if cfg.data.fallback is not None and cfg.data.fallback not in data_configs:
+        raise ConfigError(
+            f"data.fallback={cfg.data.fallback} is not allowed: must be null (no fallback) or a "
+            f"data config: {', '.join(data_configs)}"
+        )
     if cfg.resume is not None and not (
         cfg.resume == "auto" or Path(cfg.resume).exists() or RUN_ID.fullmatch(cfg.resume)
     ):

@@ -1,16 +1,5 @@
-"""Datasets in memory: IDX files, downloads, the bundled offline digits."""
+"""Datasets in memory, through torchvision's dataset classes and the bundled offline digits."""
 
-from vaeexp.data.datasets import Dataset, DataUnavailable, load_data
-from vaeexp.data.download import DownloadError, fetch
-from vaeexp.data.idx import IdxError, read_idx, write_idx
+from vaeexp.data.datasets import BundledMNIST, Dataset, DataUnavailable, fallback_config, load_data
 
-__all__ = [
-    "DataUnavailable",
-    "Dataset",
-    "DownloadError",
-    "IdxError",
-    "fetch",
-    "load_data",
-    "read_idx",
-    "write_idx",
-]
+__all__ = ["BundledMNIST", "DataUnavailable", "Dataset", "fallback_config", "load_data"]

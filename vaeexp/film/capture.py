@@ -6,6 +6,8 @@ all the cores to itself; everything after it is the worker's (vaeexp.film.worker
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -41,6 +43,25 @@ def use_bf16(precision: FilmPrecision, device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def to_host(tensor: torch.Tensor) -> Callable[[], np.ndarray]:
+    """The tensor's values for the film's worker, without making training wait: on a GPU the
+    copy is queued behind the work that computes it, into pinned memory, and the worker's call
+    waits for it; elsewhere the tensor is already in host memory."""
+    if tensor.device.type != "cuda":
+        array = tensor.detach().numpy()
+        return lambda: array
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor.detach(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> np.ndarray:
+        copied.synchronize()
+        return host.numpy()
+
+    return wait
+
+
 class FilmedImages:
     """The filmed test images on the model's device, in test-set order (`filmed`: their sorted
     indices), ready for a frame's encoder pass."""
@@ -62,16 +83,16 @@ class FilmedImages:
         # fraction of a pixel in the frame.
         self.x = (x.bfloat16() if self.bf16 else x).to(device)
 
-    def means(self, model: VAE) -> np.ndarray:
-        """Latent means of the filmed images: eval mode, no grad and no random numbers, so the
-        run's metrics are the same with the film on or off; the model's mode is restored."""
+    def means(self, model: VAE) -> torch.Tensor:
+        """Latent means of the filmed images, on the model's device: eval mode, no grad and no
+        random numbers, so the run's metrics are the same with the film on or off; the model's
+        mode is restored."""
         was_training = model.training
         model.eval()
         with torch.inference_mode(), torch.autocast(self.x.device.type, enabled=self.bf16):
             means = torch.cat([model.encode(xb)[0] for xb in self.x.split(CHUNK)])
-        means = means.float().cpu().numpy()
         model.train(was_training)
-        return means
+        return means.float()
 
     def decoded_grid(self, model: VAE) -> np.ndarray:
         """The decoder film's frame: the decoded 20x20 grid, cheap enough (400 decodes) to take

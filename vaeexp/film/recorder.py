@@ -23,7 +23,7 @@ import torch
 
 from vaeexp.config import Config, FilmPrecision
 from vaeexp.data import Dataset
-from vaeexp.film.capture import FilmedImages, film_points
+from vaeexp.film.capture import FilmedImages, film_points, to_host
 from vaeexp.film.frames import FrameStore
 from vaeexp.film.outputs import FilmOutputs, Sink
 from vaeexp.film.schedule import Schedule
@@ -89,12 +89,14 @@ class FilmRecorder:
         if self.worker.stopped:
             return
         started = time.perf_counter()
-        means = self.images.means(model)
-        losses = (
-            (float(recon.mean()), float(kl.mean())) if recon is not None else (float("nan"),) * 2
+        means = to_host(self.images.means(model))
+        terms = (
+            torch.stack((recon.mean(), kl.mean()))
+            if recon is not None
+            else torch.full((2,), float("nan"))
         )
-        self.timings["capture"] += time.perf_counter() - started
-        self.worker.put(("latent", step, epoch, losses, means))
+        self.timings["capture"] += time.perf_counter() - started  # on a GPU: queued, not done
+        self.worker.put(("latent", step, epoch, to_host(terms.float()), means))
         if step == 0 and self.decoder_film:
             self.on_epoch_end(0, 0, model)
 

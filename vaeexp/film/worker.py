@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ class FilmError(RuntimeError):
 
 
 class FilmWorker:
-    """Takes ("latent" | "decoder", step, epoch, losses, payload) items until None. An OSError
+    """Takes ("latent" | "decoder", step, epoch, losses, payload) items until None (a latent
+    frame's losses and means arrive as `to_host` copies). An OSError
     (a full disk, say) stops the film and training goes on; any other error is kept in `error`
     for the training thread to raise."""
 
@@ -110,9 +112,18 @@ class FilmWorker:
         while self.queue.get() is not None:  # never leave training blocked on a full queue
             pass
 
-    def _frame(self, step: int, epoch: int, losses: tuple[float, float], means: np.ndarray) -> None:
+    def _frame(
+        self,
+        step: int,
+        epoch: int,
+        terms: Callable[[], np.ndarray],
+        means_on_host: Callable[[], np.ndarray],
+    ) -> None:
+        """`terms` and `means_on_host` wait for their copies off the device (vaeexp.film.capture
+        .to_host): training never does."""
+        losses = tuple(float(v) for v in terms())
         started = time.perf_counter()
-        means = means[self.order]
+        means = means_on_host()[self.order]
         self.store.append(step, epoch, losses, means)
         if np.isfinite(means).all():
             self.metrics[step] = {

@@ -88,14 +88,19 @@ def tracked_run(
 
     resumed = bool(resume_run_id) and run_exists(client, resume_run_id)
     if resumed:
-        run = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=tracking.system_metrics)
         logged = client.get_run(resume_run_id).data.params
         params = {k: v for k, v in params.items() if k not in logged}
         tags["resumed_from"] = str(cfg.resume)
     else:
         name = tracking.run_name or run_name(overrides)
         # The tags from the start: a job killed at once still shows under its sweep's parent.
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=name,
+            tags=tags,
+            log_system_metrics=tracking.system_metrics,
+        )
     run_id = run.info.run_id
     outbox = Outbox(client, run_id, tracking.uri, output_dir)
     logger = None
