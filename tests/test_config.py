@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_cfg, run_cli
-from vaeexp.config import Binarize, Optimizer
+from vaeexp.config import Binarize, Optimizer, job_identity, plain, resume_identity, settings
+from vaeexp.tracking.naming import run_name
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,11 @@ from vaeexp.config import Binarize, Optimizer
         ("optimizer=sgd", "optimizer=sgd is not allowed: must be one of rmsprop, adam"),
         ("epochs=1.5", "epochs=1.5 is not allowed: must be an integer"),
         ("lr=0", "lr=0.0 is not allowed: must be a finite number > 0"),
+        ("kl_weight=-1", "kl_weight=-1.0 is not allowed: must be a finite number >= 0"),
+        (
+            "kl_warmup_epochs=-2",
+            "kl_warmup_epochs=-2 is not allowed: must be an integer >= 0 (0: no warm-up)",
+        ),
         (
             "data.binarize=maybe",
             "data.binarize=maybe is not allowed: must be one of none, static, dynamic",
@@ -56,6 +62,7 @@ def test_help_cfg_and_info_work_like_any_hydra_app(store):
         and "data: fashion_mnist, kmnist, mnist, mnist_bundled" in help_.stdout
     )
     assert "experiment: reference" in help_.stdout
+    assert "kl_weight: 1.0" in help_.stdout and "kl_warmup_epochs: 0" in help_.stdout
     cfg = run_cli("--cfg", "job", "latent_dim=8", "data=fashion_mnist", env=store)
     assert (
         cfg.returncode == 0
@@ -73,6 +80,7 @@ def test_reference_experiment_pins_keras_values():
     assert (
         cfg.epsilon_std == 1.0 and cfg.data.binarize == Binarize.none and cfg.init.value == "glorot"
     )
+    assert (cfg.kl_weight, cfg.kl_warmup_epochs) == (1.0, 0)  # the ELBO itself
     assert make_cfg("experiment=reference", "latent_dim=8").latent_dim == 8  # the CLI still wins
 
 
@@ -99,3 +107,13 @@ def test_dry_run_validates_every_job_of_a_sweep_without_training(store):
     )
     assert not (Path(store["VAEEXP_RUNS"]) / "mlflow.db").exists()  # no run, no data, no training
     assert not Path(store["VAEEXP_DATA"]).exists()
+
+
+@pytest.mark.parametrize("override", ["kl_weight=4", "kl_warmup_epochs=2"])
+def test_kl_settings_are_part_of_what_a_run_trains(override):
+    """Another KL weight or warm-up is another run: `resume=auto` and a resumed sweep never
+    continue one with the other, and its name says it."""
+    default, other = (plain(settings(make_cfg(*o))) for o in ([], [override]))
+    assert resume_identity(other) != resume_identity(default)
+    assert job_identity(other) != job_identity(default)
+    assert run_name(["epochs=5", override]) == f"epochs=5,{override}"
