@@ -3,6 +3,7 @@ through MlflowClient as any user of the store would."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -252,3 +253,49 @@ def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path):
 def test_single_run_has_no_parent(finished):
     _, _, _, run, _ = finished
     assert "mlflow.parentRunId" not in run.data.tags and "sweep" not in run.data.tags
+
+
+def test_kl_weight_sweep_names_logs_and_reports_each_weight(tmp_path):
+    """A sweep of the KL weight with a warm-up: each job's name and params carry both settings,
+    `train/kl_weight` climbs epoch by epoch, and the sweep's report sets kl_weight beside the
+    test reconstruction and KL."""
+    env = env_for(tmp_path)
+    result = run_cli(
+        "-m",
+        "kl_weight=1,4",
+        "kl_warmup_epochs=2",
+        *TINY,
+        "epochs=2",
+        "intermediate_dim=16",
+        "batch_size=50",
+        "tracking.log_model=false",
+        "tracking.log_images=false",
+        "iwae.images=0",
+        "film=off",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted((r for r in runs if r is not parent), key=lambda r: r.info.run_name)
+    assert [r.info.run_name.split(",")[:2] for r in children] == [
+        ["kl_weight=1", "kl_warmup_epochs=2"],
+        ["kl_weight=4", "kl_warmup_epochs=2"],
+    ]
+    for run, weight in zip(children, (1.0, 4.0), strict=True):
+        assert run.data.params["kl_weight"] == str(weight)
+        assert run.data.params["kl_warmup_epochs"] == "2"
+        history = client.get_metric_history(run.info.run_id, "train/kl_weight")
+        assert sorted((m.step, m.value) for m in history) == [(1, weight / 2), (2, weight)]
+    report = Path(parent.data.tags["sweep"]) / "report"
+    with (report / "runs.csv").open() as f:
+        rows = {r["kl_weight"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"1.0", "4.0"}
+    for row in rows.values():
+        recon, kl = float(row["test recon"]), float(row["test KL"])
+        assert float(row["test loss"]) == pytest.approx(recon + kl, abs=0.02)
+        assert (
+            f"test loss {row['test loss']}; recon {row['test recon']}, KL {row['test KL']}"
+            in (report / "report.html").read_text()
+        )

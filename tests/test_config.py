@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_cfg, run_cli
-from vaeexp.config import Binarize, Optimizer
+from vaeexp.config import Binarize, Optimizer, job_identity, plain, resume_identity, settings
+from vaeexp.tracking.naming import run_name
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,11 @@ from vaeexp.config import Binarize, Optimizer
         ("optimizer=sgd", "optimizer=sgd is not allowed: must be one of rmsprop, adam"),
         ("epochs=1.5", "epochs=1.5 is not allowed: must be an integer"),
         ("lr=0", "lr=0.0 is not allowed: must be a finite number > 0"),
+        ("kl_weight=-1", "kl_weight=-1.0 is not allowed: must be a finite number >= 0"),
+        (
+            "kl_warmup_epochs=-2",
+            "kl_warmup_epochs=-2 is not allowed: must be an integer >= 0 (0: no warm-up)",
+        ),
         (
             "data.binarize=maybe",
             "data.binarize=maybe is not allowed: must be one of none, static, dynamic",
@@ -68,6 +74,7 @@ def test_help_cfg_and_info_work_like_any_hydra_app(store):
         and "data: fashion_mnist, kmnist, mnist, mnist_bundled" in help_.stdout
     )
     assert "experiment: reference" in help_.stdout
+    assert "kl_weight: 1.0" in help_.stdout and "kl_warmup_epochs: 0" in help_.stdout
     cfg = run_cli("--cfg", "job", "latent_dim=8", "data=fashion_mnist", env=store)
     assert (
         cfg.returncode == 0
@@ -85,6 +92,7 @@ def test_reference_experiment_pins_keras_values():
     assert (
         cfg.epsilon_std == 1.0 and cfg.data.binarize == Binarize.none and cfg.init.value == "glorot"
     )
+    assert (cfg.kl_weight, cfg.kl_warmup_epochs) == (1.0, 0)  # the ELBO itself
     assert make_cfg("experiment=reference", "latent_dim=8").latent_dim == 8  # the CLI still wins
 
 
@@ -135,3 +143,13 @@ def test_small_commands_never_import_torchvision(command, store):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| torchvision" not in out.stderr  # importtime lists every module it imported
+
+
+@pytest.mark.parametrize("override", ["kl_weight=4", "kl_warmup_epochs=2"])
+def test_kl_settings_are_part_of_what_a_run_trains(override):
+    """Another KL weight or warm-up is another run: `resume=auto` and a resumed sweep never
+    continue one with the other, and its name says it."""
+    default, other = (plain(settings(make_cfg(*o))) for o in ([], [override]))
+    assert resume_identity(other) != resume_identity(default)
+    assert job_identity(other) != job_identity(default)
+    assert run_name(["epochs=5", override]) == f"epochs=5,{override}"

@@ -6,7 +6,7 @@ import torch
 from tests.conftest import TINY, make_cfg
 from vaeexp.config import settings
 from vaeexp.data import load_data
-from vaeexp.model import VAE
+from vaeexp.model import IMAGE_DIM, VAE, loss_terms
 from vaeexp.step import StepSettings, held_out_losses, setup, train_step
 
 CPU = torch.device("cpu")
@@ -50,6 +50,48 @@ def test_grad_clip_bounds_the_gradient_norm(data):
     clipped = norm_after_step("grad_clip=1e-3").item()
     assert 0.9999e-3 < clipped <= 1e-3  # torch divides by (norm + 1e-6)
     assert norm_after_step(f"grad_clip={2 * free.item()}") == pytest.approx(free.item())
+
+
+def test_kl_weight_weights_the_objective_and_warms_up_from_zero(data):
+    """The step's gradients are those of recon + w * KL, w = kl_weight, or during a warm-up
+    w = kl_weight * (step - 1) / warm-up steps: 0 at the first step, then up by step. The terms
+    it returns stay the unweighted ones."""
+    x = data.train_x[:100]
+    noise = torch.randn(100, 2, generator=torch.Generator().manual_seed(5))
+    per_epoch = 4  # steps_per_epoch: a 1-epoch warm-up is 4 steps
+    cfgs = {
+        extra: settings(make_cfg(*TINY, *extra))
+        for extra in ((), ("kl_weight=4",), ("kl_weight=4", "kl_warmup_epochs=1"))
+    }
+
+    def grads_of_step(step, *extra):
+        cfg = cfgs[extra]
+        model, optimizer = setup(cfg, CPU)
+        step_settings = StepSettings.from_config(cfg, steps_per_epoch=per_epoch)
+        recon, kl = train_step(model, optimizer, x, noise, step_settings, step=step)
+        return [p.grad for p in model.parameters()], (recon, kl), step_settings
+
+    def grads_of(w):  # from the same initial weights, by hand
+        model, _ = setup(cfgs[()], CPU)
+        recon, kl = loss_terms(model, x, 1.0, noise=noise)
+        objective = recon if w == 0 else recon + w * kl
+        (objective.mean() / IMAGE_DIM).backward()
+        return [p.grad for p in model.parameters()], (recon, kl)
+
+    def same(a, b):
+        for ga, gb in zip(a, b, strict=True):
+            torch.testing.assert_close(ga, gb)
+
+    beta4, terms4, _ = grads_of_step(1, "kl_weight=4")
+    same(beta4, grads_of(4)[0])
+    same(terms4, grads_of(1)[1])  # unweighted recon and KL, as metrics read them
+    warm = ("kl_weight=4", "kl_warmup_epochs=1")
+    first, _, schedule = grads_of_step(1, *warm)
+    same(first, grads_of(0)[0])  # the warm-up's first step: the reconstruction alone
+    same(grads_of_step(3, *warm)[0], grads_of(2)[0])  # halfway: 4 * 2 / 4
+    same(grads_of_step(5, *warm)[0], beta4)  # warmed up
+    assert [schedule.kl_weight_at(s) for s in range(1, 7)] == [0, 1, 2, 3, 4, 4]
+    assert StepSettings.from_config(cfgs[()]).kl_weight_at(1) == 1.0
 
 
 def _keras_reference_step(model, x, noise, lr=1e-3, rho=0.9, eps=1e-7):

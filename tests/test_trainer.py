@@ -7,6 +7,7 @@ from vaeexp.config import settings
 from vaeexp.data import load_data
 from vaeexp.resumable import Checkpoints
 from vaeexp.step import Diverged
+from vaeexp.stop import StopFlag
 from vaeexp.trainer import train
 
 CPU = torch.device("cpu")
@@ -64,6 +65,57 @@ def test_resume_continues_exactly(data, tmp_path):
     state = checkpoint.load(tmp_path / "c.pt")
     assert (state["epoch"], state["step"]) == (1, 8)
     train(_cfg("epochs=3"), data, CPU, hooks=[second], checkpoints=Checkpoints(resume=state))
+    assert first.steps + second.steps == straight.steps
+    assert first.epochs + second.epochs == straight.epochs
+
+
+def test_kl_weight_trades_reconstruction_for_kl():
+    """beta-VAE's trade, after the same training from the same start: at kl_weight=4 the test KL
+    ends far below kl_weight=1's, and the reconstruction worse by more than the KL saved, so the
+    negative ELBO, which kl_weight=1 optimises, is worse too. Sized where the effect dwarfs what
+    seeds change: 40 steps, by which kl_weight=1 has begun to use its latent code."""
+    small = ["data=mnist_bundled", "data.train_limit=1000", "data.test_limit=200"]
+    small += ["progress=false", "intermediate_dim=64", "batch_size=50", "epochs=2"]
+    data = load_data(make_cfg(*small).data)
+    one, four = (
+        train(settings(make_cfg(*small, f"kl_weight={w}")), data, CPU).metrics for w in (1, 4)
+    )
+    assert four["test/kl"] < one["test/kl"] / 2
+    assert four["test/recon"] - one["test/recon"] > one["test/kl"] - four["test/kl"]
+    assert four["test/neg_elbo"] > one["test/neg_elbo"]
+
+
+def test_kl_warmup_is_logged_and_resumes_mid_epoch_exactly(data, tmp_path):
+    """The weight rises by step, so a run stopped mid-epoch in its warm-up and resumed logs
+    exactly what an uninterrupted one does; train/kl_weight is the weight each warm-up epoch
+    reached, and is no longer logged once it is constant."""
+    warm = ("kl_weight=4", "kl_warmup_epochs=2", "log_every_n_steps=3")
+    straight = Recorder()
+    train(_cfg("epochs=3", *warm), data, CPU, hooks=[straight])
+    assert [m.get("train/kl_weight") for _, _, m in straight.epochs] == [2.0, 4.0, None]
+
+    stop = StopFlag()
+
+    class StopAt(Recorder):  # a Ctrl-C at step 12: epoch 2 of 8-step epochs, mid-warm-up
+        def on_step(self, step, metrics):
+            super().on_step(step, metrics)
+            if step == 12:
+                stop.request("test")
+
+    first, second = StopAt(), Recorder()
+    path = tmp_path / "c.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            _cfg("epochs=3", *warm),
+            data,
+            CPU,
+            hooks=[first],
+            checkpoints=Checkpoints(path),
+            stop=stop,
+        )
+    state = checkpoint.load(path)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 12)
+    train(_cfg("epochs=3", *warm), data, CPU, hooks=[second], checkpoints=Checkpoints(resume=state))
     assert first.steps + second.steps == straight.steps
     assert first.epochs + second.epochs == straight.epochs
 

@@ -158,6 +158,10 @@ class Config:
     eps: float = 1e-7  # added inside the square root, as Keras does
     # The loss the optimiser minimises; eps makes RMSprop scale-dependent (README, bench/).
     objective_scale: ObjectiveScale = ObjectiveScale.per_pixel
+    # beta: the KL term's weight in the optimised objective (beta-VAE); 1 optimises the ELBO.
+    # Metrics stay the unweighted terms, so runs of different weights compare.
+    kl_weight: float = 1.0
+    kl_warmup_epochs: int = 0  # the weight rises linearly from 0 over these epochs, step by step
     init: Init = Init.glorot
     seed: int = 0
     device: Device = Device.auto

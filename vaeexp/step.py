@@ -1,7 +1,8 @@
 """One optimisation step of the VAE, the objective it minimises, and the test-set losses.
 
-The loss terms are nats per image; the optimised objective is scaled by `objective_scale`
-(Keras's per-pixel mean, as the reference, or nats per image).
+The loss terms are nats per image; the optimised objective weights the KL term by `kl_weight`
+(beta, warmed up from 0 over `kl_warmup_epochs`) and is scaled by `objective_scale` (Keras's
+per-pixel mean, as the reference, or nats per image). Metrics are the unweighted terms.
 """
 
 from __future__ import annotations
@@ -38,21 +39,39 @@ class StepSettings:
 
     epsilon_std: float
     weight: float  # multiplies the batch's mean nats per image to give the optimised objective
+    kl_weight: float  # beta, once warmed up
+    kl_warmup_steps: int  # steps over which the KL weight rises from 0 to kl_weight; 0: none
     grad_clip: float | None
     bf16: bool
     check_finite: bool  # read the loss back every step: free on CPU, a sync elsewhere
     loss_terms: Callable[..., tuple[torch.Tensor, torch.Tensor]] = loss_terms
 
     @classmethod
-    def from_config(cls, cfg: Config, check_finite: bool = True) -> StepSettings:
+    def from_config(
+        cls, cfg: Config, check_finite: bool = True, steps_per_epoch: int | None = None
+    ) -> StepSettings:
+        """`steps_per_epoch` sizes the KL warm-up; only a config with one needs it."""
+        if cfg.kl_warmup_epochs and steps_per_epoch is None:
+            raise ValueError("kl_warmup_epochs needs steps_per_epoch")
         return cls(
             epsilon_std=cfg.epsilon_std,
             weight=objective_weight(cfg.objective_scale),
+            kl_weight=cfg.kl_weight,
+            kl_warmup_steps=cfg.kl_warmup_epochs * (steps_per_epoch or 0),
             grad_clip=cfg.grad_clip,
             bf16=cfg.precision == Precision.bf16,
             check_finite=check_finite,
             loss_terms=torch.compile(loss_terms) if cfg.compile else loss_terms,
         )
+
+    def kl_weight_at(self, step: int) -> float:
+        """The KL term's weight in step `step`'s objective (steps count from 1): 0 at the first
+        step, rising linearly to kl_weight over the warm-up's steps, then kl_weight. A plain
+        function of the step: a resumed run continues the ramp exactly, and no value is read
+        back from the device."""
+        if step > self.kl_warmup_steps:
+            return self.kl_weight
+        return self.kl_weight * (step - 1) / self.kl_warmup_steps
 
 
 def objective_weight(scale: ObjectiveScale) -> float:
@@ -71,14 +90,16 @@ def train_step(
     step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on batch `x` with reparameterisation noise `noise` ~ N(0, 1);
-    returns the per-image (recon, kl) in nats, before the step."""
+    returns the per-image (recon, kl) in nats, before the step: unweighted, whatever the KL
+    weight of the objective."""
     if settings.bf16:
         with torch.autocast(x.device.type, torch.bfloat16):
             recon, kl = settings.loss_terms(model, x, settings.epsilon_std, noise=noise)
         recon, kl = recon.float(), kl.float()
     else:
         recon, kl = settings.loss_terms(model, x, settings.epsilon_std, noise=noise)
-    loss = (recon + kl).mean() * settings.weight
+    beta = settings.kl_weight_at(step)  # a Python float: nothing to read back from the device
+    loss = (recon + kl if beta == 1.0 else recon + beta * kl).mean() * settings.weight
     if settings.check_finite and not math.isfinite(loss.item()):
         check_finite(step, recon.sum().item(), kl.sum().item())
     optimizer.zero_grad(set_to_none=True)

@@ -89,10 +89,10 @@ def train(
     if checkpoints.resume is not None:
         pos, metrics = restore_state(checkpoints.resume, cfg, model, optimizer, device)
 
-    settings = StepSettings.from_config(cfg, check_finite=device.type == "cpu")
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
     dynamic = cfg.data.binarize == Binarize.dynamic
     n, steps_per_epoch = len(train_x), data.steps_per_epoch(cfg.batch_size)
+    settings = StepSettings.from_config(cfg, device.type == "cpu", steps_per_epoch)
     model.train()
     first_step = pos.step + 1
     if film is not None and pos.step == 0:
@@ -126,6 +126,8 @@ def train(
                 _flush_window(pos, hooks, bar)  # the epoch's tail
             pos.epoch, pos.batch = pos.epoch + 1, 0
             metrics = end_of_epoch(cfg, model, pos, n, test_x, started)
+            if pos.epoch <= cfg.kl_warmup_epochs:  # while it changes: the weight reached
+                metrics["train/kl_weight"] = settings.kl_weight_at(pos.step + 1)
             # Metrics out before the checkpoint: after a hard kill in between, the resumed run
             # retrains this epoch and its hooks skip what was already delivered. The other way
             # round, the epoch's metrics would be lost.

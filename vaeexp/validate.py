@@ -41,6 +41,8 @@ _RULES: list[tuple[str, object, str]] = [
     ("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("rho", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("kl_weight", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("kl_warmup_epochs", lambda v: v >= 0, "an integer >= 0 (0: no warm-up)"),
     ("seed", lambda v: 0 <= v < 2**63, "an integer >= 0"),
     ("threads", lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
     ("grad_clip", lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number > 0"),

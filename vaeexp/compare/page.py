@@ -78,12 +78,19 @@ def _card(row: Row, key: int, caption: str, films: dict[str, str]) -> dict[str, 
     }
 
 
+def _terms(recon: float | None, kl: float | None) -> str:
+    """'; recon 480.12, KL 12.30': a film's caption shows what the loss is made of, so a sweep
+    of the KL weight shows the trade it makes."""
+    return f"; recon {recon:.2f}, KL {kl:.2f}" if recon is not None and kl is not None else ""
+
+
 def _group_stat(group: Group) -> str:
     mean, std = group.stat("test/loss", "mean"), group.stat("test/loss", "std")
     if mean is None:
         return "no run finished"
     spread = f" ± {std:.2f}" if std is not None else ""
-    return f"test loss {mean:.2f}{spread} (n={len(group.finished)})"
+    terms = _terms(group.stat("test/recon", "mean"), group.stat("test/kl", "mean"))
+    return f"test loss {mean:.2f}{spread} (n={len(group.finished)}){terms}"
 
 
 def _table(head: list[str], body: list[tuple[int, str, list[dict]]], numeric: set[int]) -> dict:
@@ -195,4 +202,7 @@ def write_html(
 
 def _run_stat(row: Row) -> str:
     loss = row.metrics.get("test/loss")
-    return f"test loss {loss:.2f}" if row.status == "FINISHED" and loss is not None else ""
+    if row.status != "FINISHED" or loss is None:
+        return ""
+    terms = _terms(row.metrics.get("test/recon"), row.metrics.get("test/kl"))
+    return f"test loss {loss:.2f}{terms}"
