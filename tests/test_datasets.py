@@ -1,12 +1,14 @@
+import gzip
 import logging
 
 import pytest
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from tests.conftest import IDX_FILES, TINY, make_cfg, run_cli, write_fake_idx_set
-from vaeexp.data import DataUnavailable, load_data
+from vaeexp.data import DataBroken, DataUnavailable, fallback_config, load_data
 
 OFFLINE = "data.mirrors=[http://127.0.0.1:9/]"  # nothing listens on port 9: fails at once
 
@@ -167,3 +169,35 @@ def test_limits_and_binarization():
     dynamic = load_data(make_cfg("data=mnist_bundled", "data.binarize=dynamic").data)
     assert len(dynamic.train_x.unique()) > 2  # redrawn per batch by the trainer
     assert set(dynamic.test_x.unique().tolist()) == {0.0, 1.0}
+
+
+def test_a_class_that_cannot_be_imported_is_named_and_never_falls_back(tmp_path):
+    cfg = make_cfg(f"data.root={tmp_path}", "data._target_=torchvision.datasets.NoSuchMNIST")
+    with pytest.raises(DataBroken, match=r"data._target_=torchvision.datasets.NoSuchMNIST cannot"):
+        load_data(cfg.data)
+
+
+def test_a_damaged_system_copy_is_named_and_not_kept_in_the_cache(tmp_path):
+    system = tmp_path / "system"
+    write_fake_idx_set(system)
+    bad = system / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes())[:-5]))  # unpacks, cut short
+    cfg = make_cfg(
+        "data=fashion_mnist",
+        f"data.root={tmp_path / 'cache'}",
+        f"data.system_dirs=[{system}]",
+        "data.download=false",
+    )
+    with pytest.raises(DataBroken, match=r"t10k-images-idx3-ubyte\.gz: not a readable") as e:
+        load_data(cfg.data)
+    assert "data.system_dirs" in str(e.value)
+    assert not list((tmp_path / "cache" / "FashionMNIST" / "raw").glob("*-ubyte"))
+
+
+def test_iwae_of_a_run_that_fell_back_scores_the_data_it_trained_on(tmp_path):
+    """The fallback keeps the run's subsets and binarisation: `python -m vaeexp.iwae` scores
+    what the run trained on."""
+    cfg = make_cfg(f"data.root={tmp_path}", "data.test_limit=30", "data.binarize=static").data
+    fallback = fallback_config(OmegaConf.to_object(cfg))
+    assert fallback.name == "mnist_bundled" and fallback.fallback is None
+    assert (fallback.test_limit, fallback.binarize.value) == (30, "static")

@@ -86,8 +86,8 @@ class DataConfig:
     """A dataset, defined once in its file of the data group (`conf/data/<name>.yaml`)."""
 
     name: str = MISSING  # the data group's option: data=mnist, data=fashion_mnist, ...
-    # The dataset class: a torchvision one (its mirrors, MD5 sums and reader), or any class with
-    # its constructor (root, train, download) and `data`, `targets`, `classes`.
+    # The dataset class: one of torchvision's MNIST family (its mirrors, MD5 sums and reader),
+    # or a class with their constructor (root, train) and `data`, `targets`, `classes`.
     _target_: str = MISSING
     root: str = "${vaeexp.data_root:}"  # download cache; VAEEXP_DATA overrides
     mirrors: list[str] | None = None  # null: the dataset class's own mirrors

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from vaeexp import checkpoint, cli
 from vaeexp.config import Config, register
-from vaeexp.data import fallback_config, load_data
+from vaeexp.data import DataUnavailable, fallback_config, load_data
 from vaeexp.likelihood import iwae_nll
 from vaeexp.trainer import cpu_settings
 
@@ -27,9 +27,12 @@ def iwae_of_run(client: MlflowClient, run_id: str, k: int, images: int | None) -
     with cli.downloaded(client, run_id, checkpoint.FILENAME) as ckpt_file:
         model, _ = checkpoint.load_model(ckpt_file)
     data_cfg = OmegaConf.to_object(cfg.data)
-    if run.data.params.get("data.resolved") == data_cfg.fallback:  # it trained on the fallback
+    resolved = run.data.params.get("data.resolved")
+    if resolved is None:
+        raise DataUnavailable("the run has no data.resolved param: not a vaeexp training run")
+    if resolved != data_cfg.name:  # it trained on its fallback
         data_cfg = fallback_config(data_cfg)
-    data_cfg.download = False
+    data_cfg.download, data_cfg.fallback = False, None  # the data it trained on, or an error
     cpu_settings(cfg.flush_denormal)  # before the first parallel op
     data = load_data(data_cfg, progress=False)
     return iwae_nll(model, data.test_x[:images], k)
@@ -51,7 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     run = cli.get_run(client, args.run_id, PROG)
     try:
         value = iwae_of_run(client, args.run_id, args.k, args.images or None)
-    except (checkpoint.CheckpointError, mlflow.exceptions.MlflowException, OSError) as e:
+    except (
+        checkpoint.CheckpointError,
+        DataUnavailable,
+        mlflow.exceptions.MlflowException,
+        OSError,
+    ) as e:
         cli.fail(PROG, f"run {args.run_id}: {str(e).splitlines()[0]}")
     key = f"test_nll_iwae_k{args.k}"
     print(f"{key} = {value:.4f}")

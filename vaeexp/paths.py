@@ -57,3 +57,14 @@ def earlier_sweeps(folder: Path | None) -> list[Path]:
     if not path or not path.is_file():
         return []
     return [Path(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def data_configs() -> list[str]:
+    """The data group's options: a file of `conf/data` each."""
+    return sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+
+
+def data_config_file(name: str) -> Path | None:
+    """The file that defines data config `name`; None if there is none."""
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    return path if path.is_file() else None

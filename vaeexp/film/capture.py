@@ -48,12 +48,12 @@ def to_host(tensor: torch.Tensor) -> Callable[[], np.ndarray]:
     copy is queued behind the work that computes it, into pinned memory, and the worker's call
     waits for it; elsewhere the tensor is already in host memory."""
     if tensor.device.type != "cuda":
-        array = tensor.detach().numpy()
+        array = tensor.detach().cpu().numpy()
         return lambda: array
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor.detach(), non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+    copied = torch.cuda.Event(blocking=True)  # the worker sleeps while it waits, never spins
+    copied.record(torch.cuda.current_stream(tensor.device))
 
     def wait() -> np.ndarray:
         copied.synchronize()

@@ -36,10 +36,10 @@ class FilmError(RuntimeError):
 
 
 class FilmWorker:
-    """Takes ("latent" | "decoder", step, epoch, losses, payload) items until None (a latent
-    frame's losses and means arrive as `to_host` copies). An OSError
-    (a full disk, say) stops the film and training goes on; any other error is kept in `error`
-    for the training thread to raise."""
+    """Takes ("latent" | "decoder", step, epoch, losses, payload) items until None; a latent
+    frame's losses and means arrive as `to_host` copies, read here. An OSError (a full disk,
+    say) stops the film and training goes on; any other error is kept in `error` for the
+    training thread to raise."""
 
     def __init__(
         self,
@@ -66,7 +66,7 @@ class FilmWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def put(self, item: tuple[str, int, int, Any, np.ndarray]) -> None:
+    def put(self, item: tuple[str, int, int, Any, Any]) -> None:
         """Queue a frame's work; blocks while the queue is full."""
         self.queue.put(item)
 
