@@ -194,3 +194,47 @@ def sorted_by(browser: str, page: Path, table: str, column: str, clicks: int) ->
     script = SORT_CHECK % json.dumps([table, column, clicks])
     check.write_text(page.read_text().replace("</body>", script + "</body>"))
     return json.loads(body_data(dom(browser, check.as_uri()), "sorted"))
+
+
+def bulk_children(
+    uri: str, experiment_id: str, parent: str, children: list[tuple[str, float | None]]
+) -> list[str]:
+    """Children of `parent` as (status, final test loss or None), the first started first,
+    written in one transaction through MLflow's own store models: one API call at a time, a
+    thousand runs take a minute on 2 cores. Returns their ids."""
+    import uuid
+
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun, SqlTag
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(uri, "unused")
+    artifacts = store.get_experiment(experiment_id).artifact_location
+    start = int(time.time() * 1000) - len(children) - 1000
+    ids, rows = [], []
+    for i, (status, loss) in enumerate(children):
+        run_id = uuid.uuid4().hex
+        run = SqlRun(
+            run_uuid=run_id,
+            name=f"child {i}",
+            experiment_id=int(experiment_id),
+            status=status,
+            start_time=start + i,
+            end_time=None if status == "RUNNING" else start + i + 1,
+            lifecycle_stage="active",
+            artifact_uri=f"{artifacts}/{run_id}/artifacts",
+            source_type="LOCAL",
+            source_name="",
+            entry_point_name="",
+            source_version="",
+            user_id="vaeexp",
+        )
+        run.tags = [SqlTag(key="mlflow.parentRunId", value=parent),
+                    SqlTag(key="mlflow.runName", value=f"child {i}")]  # fmt: skip
+        rows.append(run)
+        if loss is not None:
+            point = {"key": "test/loss", "value": loss, "timestamp": start, "step": 1}
+            rows += [SqlMetric(run_uuid=run_id, **point), SqlLatestMetric(run_uuid=run_id, **point)]
+        ids.append(run_id)
+    with store.ManagedSessionMaker(read_only=False) as session:
+        session.add_all(rows)
+    return ids

@@ -14,6 +14,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import re
 import shutil
 import socket
 import subprocess
@@ -142,6 +143,13 @@ def sweep_of(client):
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps of a run's step-wise images of `key`, one per image logged."""
+    files = [f.path for f in client.list_artifacts(run_id, "images")]
+    pattern = re.compile(rf"images/{key}\+step\+(\d+)\+timestamp\+\d+\+[\w-]+\.png$")
+    return sorted(int(m.group(1)) for f in files if (m := pattern.match(f)))
 
 
 def env_for(root: Path) -> dict[str, str]:

@@ -12,10 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from mlflow.entities import Metric
 
-from tests.conftest import env_for, free_port, mlflow_server, only_run, run_cli
+from tests.conftest import (
+    env_for,
+    free_port,
+    image_steps,
+    make_cfg,
+    metric_steps,
+    mlflow_server,
+    only_run,
+    run_cli,
+)
 from vaeexp import checkpoint
 
 # Slow enough to interrupt mid-epoch (450 steps an epoch), small enough to finish in seconds.
@@ -31,6 +42,7 @@ ARGS = [
     "iwae.k=10",
     "iwae.images=20",
 ]
+FILM_METRICS = ("film/knn_accuracy", "film/active_units")
 COMPARED = (
     "train/loss_step",
     "train/recon_step",
@@ -102,9 +114,17 @@ def test_sigkill_keeps_last_checkpoint_and_resume_by_run_id(tmp_path):
     proc.kill()
     proc.wait(timeout=30)
     client, _, run = only_run(env)
+    run_id = run.info.run_id
     assert run.info.status == "RUNNING"  # nobody could tell MLflow
     state = checkpoint.load(run.data.tags["output_dir"])  # intact: written atomically
     assert state["epoch"] >= 1  # epoch 2's may or may not be written yet: either way...
+    # The film's frame at the end of the next epoch (one an epoch by then): in MLflow already,
+    # or as if the kill had come a moment later. The resumed run films that step again.
+    refilmed = 450 * (state["epoch"] + 1)
+    if refilmed not in metric_steps(client, run_id, FILM_METRICS[0]):
+        client.log_batch(run_id, metrics=[Metric(k, 0.5, 0, refilmed) for k in FILM_METRICS])
+    if refilmed not in image_steps(client, run_id, "latent"):
+        client.log_image(run_id, np.zeros((8, 8, 3), np.uint8), key="latent", step=refilmed)
 
     resumed = run_cli(*ARGS, "epochs=6", f"resume={run.info.run_id}", env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -113,7 +133,10 @@ def test_sigkill_keeps_last_checkpoint_and_resume_by_run_id(tmp_path):
     epochs = [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")]
     assert epochs == [1, 2, 3, 4, 5, 6]  # ...no epoch is missing
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
-    assert steps == sorted(set(steps))  # and nothing is logged twice
+    assert steps == sorted(set(steps))  # and nothing is logged twice, the film's points neither
+    film = [metric_steps(client, run_id, k) for k in FILM_METRICS]
+    for steps in [*film, image_steps(client, run_id, "latent")]:
+        assert refilmed in steps and steps == sorted(set(steps)) and steps[-1] == 6 * 450
 
 
 def test_truncated_or_foreign_checkpoint_is_one_clear_line(tmp_path):
@@ -179,26 +202,55 @@ def test_data_cache_that_cannot_be_written(tmp_path):
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A 512 KiB tmpfs: room for one small checkpoint, not for two."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+def tmpfs(tmp_path):
+    """mount(size) -> a tmpfs of `size` bytes (rounded up to pages), unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(path)
+        return path
+
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
 
 
-def test_full_disk_for_checkpoints_fails_clearly_and_keeps_the_last(tmp_path, full_disk):
+def _on_disk(size: int) -> int:
+    """The bytes a file of `size` takes on a tmpfs: whole pages."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return -(-size // page) * page
+
+
+def _checkpoint_size(folder: Path, *overrides: str) -> int:
+    """The size of the checkpoint the trainer writes with these settings, on this machine:
+    measured after one training step."""
+    from vaeexp.config import settings
+    from vaeexp.data import load_data
+    from vaeexp.resumable import Checkpoints
+    from vaeexp.trainer import train
+
+    cfg = settings(make_cfg(*overrides, "epochs=1", "data.train_limit=10", "batch_size=10"))
+    path = folder / checkpoint.FILENAME
+    checkpoints = Checkpoints(path, None, {"mlflow_run_id": "0" * 32})  # as a run's
+    train(cfg, load_data(cfg.data, progress=False), torch.device("cpu"), checkpoints=checkpoints)
+    return path.stat().st_size
+
+
+def test_full_disk_for_checkpoints_fails_clearly_and_keeps_the_last(tmp_path, tmpfs):
+    """The disk holds the run folder's small files and one checkpoint and a half, as measured
+    here: the first checkpoint fits, the second, written beside it before it replaces it, does
+    not. (No film: its files would take a share of the disk that depends on its worker's pace.)"""
+    args = [*ARGS, "intermediate_dim=32", "film=off"]
+    size = _checkpoint_size(tmp_path / "measured", *args)
+    beside = 64 * 1024  # Hydra's three YAML files, the log, checkpoint.json: a few KiB each
+    full_disk = tmpfs(beside + _on_disk(size) + size // 2)
     env = env_for(tmp_path)
-    result = run_cli(
-        *ARGS, "intermediate_dim=32", "epochs=3", f"hydra.run.dir={full_disk}", env=env
-    )
+    result = run_cli(*args, "epochs=3", f"hydra.run.dir={full_disk}", env=env)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"vaeexp: error: {full_disk / 'checkpoint.pt'}: could not write")

@@ -13,12 +13,13 @@ from vaeexp.config import Config
 from vaeexp.paths import CONF_DIR, PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "vaeexp"
-# Lower layers never import higher ones: where things live -> config -> data/model -> the step
-# -> the trainer -> tracking/film -> compare -> sweep -> the commands.
+# Lower layers never import higher ones: where things live -> config -> data/model -> a sweep's
+# jobs -> the step -> the trainer -> tracking/film -> compare -> sweep -> the commands.
 LAYERS = [
     ["vaeexp.paths", "vaeexp.stop"],
     ["vaeexp.config"],
     ["vaeexp.validate", "vaeexp.data", "vaeexp.model", "vaeexp.optim", "vaeexp.cli"],
+    ["vaeexp.jobs"],
     ["vaeexp.likelihood", "vaeexp.checkpoint", "vaeexp.images"],
     ["vaeexp.step", "vaeexp.resumable"],
     ["vaeexp.trainer"],

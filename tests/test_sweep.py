@@ -3,12 +3,12 @@ through `python -m vaeexp -m`, against a SQLite store and a real `mlflow server`
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, env_for, free_port, mlflow_server, run_cli
+from tests.conftest import TINY, env_for, free_port, image_steps, mlflow_server, run_cli
 
 # 400 images / 50 = 8 steps an epoch
 QUICK = [*TINY, "intermediate_dim=16", "batch_size=50", "tracking.log_model=false"]
@@ -22,12 +22,6 @@ def sweep_runs(uri: str, experiment: str = "vaeexp"):
     children = [r for r in runs if r is not parent]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     return client, parent, children
-
-
-def image_steps(client, run_id: str, key: str) -> list[int]:
-    files = [f.path for f in client.list_artifacts(run_id, "images")]
-    pattern = re.compile(rf"images/{key}\+step\+(\d+)\+timestamp\+\d+\+[\w-]+\.png$")
-    return sorted(int(m.group(1)) for f in files if (m := pattern.match(f)))
 
 
 def test_joblib_four_jobs_at_once_lose_nothing(tmp_path):
@@ -141,3 +135,66 @@ def test_optuna_study_goes_on_past_a_diverged_trial(tmp_path):
     assert all(r.info.status == "FINISHED" for r in fine)
     assert parent.info.status == "FAILED"  # a child failed: the parent says so
     assert parent.data.tags["best_child_run_id"] in {r.info.run_id for r in fine}
+
+
+# One bad job, with each launcher and the Optuna sweeper: (arguments, how its line starts).
+BAD_JOB = {
+    "basic": (["latent_dim=2,-1"], "job #1 (latent_dim=-1): latent_dim=-1 is not allowed: "),
+    "joblib": (
+        ["hydra/launcher=joblib", "batch_size=100,0"],
+        "job #1 (batch_size=0): batch_size=0",
+    ),
+    "slurm": (["hydra/launcher=slurm", "latent_dim=2,-1"], "job #1 (latent_dim=-1): latent_dim=-1"),
+    "optuna": (
+        ["hparams_search=optuna", "hydra.sweeper.params.lr='interval(0, 0.01)'"],
+        "the Optuna search space lr=interval(0, 0.01): lr=0.0 is not allowed: must be a finite",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", sorted(BAD_JOB))
+def test_a_bad_job_stops_its_sweep_before_anything_starts(tmp_path, how):
+    """Every job is composed and validated in the launching process first (SLURM's check of the
+    request, which needs SLURM, comes after): one line, exit 2, and no store, run or folder."""
+    args, said = BAD_JOB[how]
+    result = run_cli("-m", *QUICK, "epochs=1", "film=off", *args, env=env_for(tmp_path))
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"vaeexp: error: {said}"), line
+    assert not (tmp_path / "runs").exists()  # no MLflow store, parent or child, no sweep folder
+
+
+LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_a_job_failing_while_its_sweep_runs_leaves_no_parent_running(tmp_path, launcher):
+    """A job that fails as it starts (here: it continues an MLflow run that does not exist)
+    ends the sweep with its line; the parent ends FAILED with its jobs counted, the failed job
+    has a FAILED run saying why, and the report is written. (Missing data is refused before
+    the sweep starts, in the launching process.)"""
+    env = env_for(tmp_path)
+    missing = "0" * 32
+    result = run_cli(
+        "-m", *LAUNCHERS[launcher], f"resume=null,{missing}", *QUICK, "epochs=1", "film=off",
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"vaeexp: error: resume={missing}: no such MLflow run in ")
+    client, parent, children = sweep_runs(env["MLFLOW_TRACKING_URI"])
+    assert parent.info.status == "FAILED"
+    counts = {k: int(parent.data.tags[f"jobs.{k}"]) for k in ("finished", "failed", "killed")}
+    [failed] = [r for r in children if r.info.status == "FAILED"]
+    assert failed.data.tags["failure_reason"].startswith(f"CheckpointError: resume={missing}: ")
+    assert failed.data.tags["hydra_overrides"].startswith(f"resume={missing} ")
+    assert {r.info.status for r in children} <= {"FINISHED", "FAILED", "KILLED"}
+    if launcher == "basic":  # one job after the other: the first finished
+        assert counts == {"finished": 1, "failed": 1, "killed": 0}
+        assert parent.data.metrics["best_test_loss"] > 0
+    else:  # joblib stops its other worker: that job finished, was killed or had not started
+        assert counts["failed"] == 1 and counts["finished"] + counts["killed"] <= 1
+    assert "report/report.html" in {
+        f.path for f in client.list_artifacts(parent.info.run_id, "report")
+    }
+    assert "resume=auto" in result.stdout  # how to continue it

@@ -60,11 +60,31 @@ def task(cfg: DictConfig) -> float:
         # value (the Optuna plugin we can install crashes the whole study on NaN).
         log.error("vaeexp: %s; this job scores %.0f, the sweep goes on", e, DIVERGED_PENALTY)
         return DIVERGED_PENALTY
-    except _user_errors() as e:
-        if os.environ.get("VAEEXP_TRACEBACK") == "1":
+    except Exception as e:
+        if _multirun(HydraConfig.get()):
+            _record_failure(cfg, e)
+        if not isinstance(e, _user_errors()) or os.environ.get("VAEEXP_TRACEBACK") == "1":
             raise
         # SystemExit passes through Hydra, which would print a banner above any Exception.
         _exit_with(e)
+
+
+def _record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """A sweep's job that failed before its MLflow run existed leaves a FAILED one (unless the
+    store itself is what failed), so that its sweep counts every job. Not in a dry run."""
+    hc = HydraConfig.get()
+    try:
+        tracking = settings(cfg).tracking
+        if not tracking.parent_run_id:
+            return
+        from vaeexp.tracking.run import failed_before_its_run
+        from vaeexp.tracking.store import TrackingUnavailable
+
+        if not isinstance(error, TrackingUnavailable):
+            overrides = list(hc.overrides.task)
+            failed_before_its_run(tracking, overrides, Path(hc.runtime.output_dir), error)
+    except Exception as e:  # the job's own error is the one to tell
+        log.warning("this job's failure is not in MLflow (%s: %s)", type(e).__name__, e)
 
 
 def _train(cfg: DictConfig) -> float:
@@ -249,7 +269,13 @@ def main() -> None:
                 file=sys.stderr,
             )
         sys.exit(130)
+    except SystemExit:  # its line is said; and no need to import all that _user_errors() names
+        raise
     except _user_errors() as e:
         if os.environ.get("VAEEXP_TRACEBACK") == "1":
             raise
         _exit_with(e)
+    finally:
+        from vaeexp.sweep import stopped
+
+        stopped()  # a job's error ended the sweep before its end: its parent ends FAILED

@@ -59,9 +59,8 @@ class EpochImages:
         test_x: torch.Tensor,
         latent_dim: int,
         device: torch.device,
-        done_epochs: int = 0,  # a resumed run: these epochs' images were already logged
     ):
-        self.log_image, self.latent_dim, self.done_epochs = log_image, latent_dim, done_epochs
+        self.log_image, self.latent_dim = log_image, latent_dim
         self.fixed_x = test_x[:50].to(device)  # the same digits every epoch
         g = torch.Generator().manual_seed(0)
         self.fixed_z = torch.randn(100, latent_dim, generator=g).to(device)
@@ -70,8 +69,6 @@ class EpochImages:
         pass
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
-        if epoch <= self.done_epochs:
-            return
         model.eval()
         self.log_image(reconstructions(model, self.fixed_x), "reconstructions", epoch)
         self.log_image(samples(model, self.fixed_z), "samples", epoch)

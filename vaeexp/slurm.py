@@ -109,6 +109,15 @@ def check_request(params: dict[str, Any]) -> None:
     )
 
 
+def check_launcher(launcher: Any) -> None:
+    """A sweep's `hydra.launcher` config: if it is this launcher, its request is checked (above)
+    in the launching process, before the sweep's parent run exists."""
+    from omegaconf import OmegaConf
+
+    if launcher.get("_target_") == TARGET:
+        check_request(OmegaConf.to_container(launcher, resolve=True))
+
+
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """Hydra's submitit SLURM launcher, with the checks, cancelling and requeueing above."""
 

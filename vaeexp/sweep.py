@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,13 @@ from omegaconf import DictConfig
 
 from vaeexp.config import is_where_or_how
 from vaeexp.paths import EARLIER_FILE, PARENT_FILE, earlier_sweeps, parent_run_id
+from vaeexp.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-_CURRENT: dict[str, str] = {}  # this process's sweep: its store and parent run (interrupted())
+# This process's sweep until it ends: its store, parent run and folder (interrupted(), stopped()).
+_CURRENT: dict[str, str] = {}
 
 
 def sweep_identity(overrides: list[str]) -> str:
@@ -40,20 +42,38 @@ def interrupted() -> bool:
     """After Ctrl-C or SIGTERM in a sweep's launching process: its parent run is KILLED, and one
     line says how to continue it. False outside a sweep."""
     parent, uri = _CURRENT.get("parent"), _CURRENT.get("uri")
+    _CURRENT.clear()
     if not parent:
         return False
     from mlflow.tracking import MlflowClient
 
     with contextlib.suppress(Exception):  # a store that is down must not hide the next line
         MlflowClient(uri).set_terminated(parent, "KILLED")
-    args = [*sys.argv[1:], *([] if "resume=auto" in sys.argv else ["resume=auto"])]
-    again = f"python -m vaeexp {shlex.join(args)}"
     print(
         f"vaeexp: sweep interrupted; its parent run {parent} is KILLED. To continue it (finished "
-        f"jobs are kept, stopped ones continue from their checkpoints): {again}",
+        f"jobs are kept, stopped ones continue from their checkpoints): {_again()}",
         file=sys.stderr,
     )
     return True
+
+
+def stopped() -> None:
+    """After a job's error ended a sweep before Hydra's end of the sweep (the basic launcher and
+    joblib stop at a job that exits, a sweeper re-raises a job's error): end it here, in the
+    launching process, as that would have. Nothing if the sweep ended, or was never started."""
+    parent, uri, folder = (_CURRENT.get(k) for k in ("parent", "uri", "folder"))
+    if not parent:
+        return
+    try:
+        end_sweep(uri, parent, Path(folder), stopped=True)
+    except Exception as e:  # the store, gone: the job's own line stays the last word
+        log.error("could not end the sweep's parent run %s: %s: %s", parent, type(e).__name__, e)
+
+
+def _again() -> str:
+    """The command that continues this sweep."""
+    args = [*sys.argv[1:], *([] if "resume=auto" in sys.argv else ["resume=auto"])]
+    return f"python -m vaeexp {shlex.join(args)}"
 
 
 def _earlier_parent(client: Any, experiment: str, identity: str) -> Any:
@@ -80,62 +100,39 @@ def _continue(client: Any, run: Any, folder: Path) -> str:
     return run.info.run_id
 
 
-def _best_group(client: Any, parent: str, summary: Path) -> str | None:
-    """Over seeds, the setting to believe is the group with the best mean, not the luckiest run:
-    say it (from the report's summary) and tag the parent with it. None if runs were not
-    grouped."""
-    try:
-        data = json.loads(summary.read_text())
-    except (OSError, ValueError):
-        return None
-    groups = {k: g for k, g in data.get("groups", {}).items() if g.get("test/loss", {}).get("n")}
-    if not data.get("grouped_by") or not groups:
-        return None
-    label, group = min(groups.items(), key=lambda kv: kv[1]["test/loss"]["mean"])
-    loss = group["test/loss"]
-    client.set_tag(parent, "best_group", label)
-    spread = f" ± {loss['std']:.2f}" if "std" in loss else ""
-    return (
-        f"best setting {label}: test loss {loss['mean']:.2f}{spread} nats per image, mean over "
-        f"{int(loss['n'])} runs"
-    )
-
-
-def _check_launcher(config: DictConfig) -> None:
-    """A SLURM request no node can hold stops here, before the parent run exists."""
-    from omegaconf import OmegaConf
-
-    from vaeexp.slurm import TARGET, check_request
-    from vaeexp.validate import ConfigError
-
-    if config.hydra.launcher.get("_target_") != TARGET:
-        return
-    try:
-        check_request(OmegaConf.to_container(config.hydra.launcher, resolve=True))
-    except ConfigError as e:
-        print(f"vaeexp: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _exit(error: BaseException, code: int) -> None:
+    """Hydra would turn an exception in a callback into a warning, and go on: exit instead."""
+    print(f"vaeexp: error: {error}", file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.dry_run:
             return
+        from vaeexp.jobs import validate_sweep
+
+        try:  # every job, before anything is created: no parent run, no sweep folder
+            jobs = validate_sweep(config)
+        except ConfigError as e:
+            _exit(e, 2)
         # Imported here: Hydra builds this callback for every run, and a single run or a config
         # error should not pay for MLflow before it needs it.
         from mlflow.tracking import MlflowClient
 
+        from vaeexp.slurm import check_launcher
         from vaeexp.tracking.naming import run_name
         from vaeexp.tracking.store import TrackingUnavailable, check_reachable, experiment_for
 
         uri = config.tracking.uri
         try:
             check_reachable(uri)
-        except TrackingUnavailable as e:  # Hydra would turn it into a warning and launch anyway
-            print(f"vaeexp: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        _check_launcher(config)
-        self._resolve_data_once(config)
+            check_launcher(config.hydra.launcher)  # a SLURM request no node can hold
+        except TrackingUnavailable as e:
+            _exit(e, 1)
+        except ConfigError as e:
+            _exit(e, 2)
+        self._resolve_data_once(jobs)
         client = MlflowClient(uri)
         experiment = experiment_for(client, config.tracking)
         folder = Path(config.hydra.sweep.dir)
@@ -160,47 +157,99 @@ class SweepRun(Callback):
             client.log_param(parent, "sweep.overrides", " ".join(overrides))
             log.info("sweep parent run %s in %s", parent, uri)
         (folder / PARENT_FILE).write_text(parent)
-        _CURRENT.update(uri=uri, parent=parent)
+        _CURRENT.update(uri=uri, parent=parent, folder=str(folder))
 
     @staticmethod
-    def _resolve_data_once(config: DictConfig) -> None:
-        """Load (and download) the data once here, before any run exists: a fallback is said
-        once, not once per job; parallel jobs find the files in the cache rather than download
-        them side by side; and data that cannot be had ends the sweep in one line."""
+    def _resolve_data_once(jobs: list[DictConfig]) -> None:
+        """Load (and download) each data config of the sweep once here, before any run exists:
+        a fallback is said once, not once per job; parallel jobs find the files in the cache
+        rather than download them side by side; and data that cannot be had ends the sweep in
+        one line."""
         from omegaconf import OmegaConf
 
         from vaeexp.data import DataUnavailable, load_data
 
+        distinct = {OmegaConf.to_yaml(j.data): j.data for j in jobs}
         try:
-            load_data(OmegaConf.to_object(config.data), progress=False)
-        except DataUnavailable as e:  # Hydra would turn it into a warning and launch anyway
-            print(f"vaeexp: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+            for data in distinct.values():
+                load_data(OmegaConf.to_object(data), progress=False)
+        except DataUnavailable as e:
+            _exit(e, 1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
+        folder = Path(config.hydra.sweep.dir)
+        parent = parent_run_id(folder)
+        if parent is not None:
+            end_sweep(config.tracking.uri, parent, folder)
 
-        from vaeexp.compare import report
-        from vaeexp.tracking.links import how_to_open
 
-        parent = parent_run_id(Path(config.hydra.sweep.dir))
-        if parent is None:
-            return
-        client = MlflowClient(config.tracking.uri)
-        experiment = client.get_run(parent).info.experiment_id
-        children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
-        finished = [
-            r for r in children if r.info.status == "FINISHED" and "test/loss" in r.data.metrics
-        ]
-        if finished:
-            best = min(finished, key=lambda r: r.data.metrics["test/loss"])
-            client.set_tag(parent, "best_child_run_id", best.info.run_id)
-            client.set_tag(parent, "best_child", best.info.run_name)
-            client.log_metric(parent, "best_test_loss", best.data.metrics["test/loss"])
-        failed = len(children) - len(finished)
-        client.set_tag(parent, "children", f"{len(children)} ({failed} not finished)")
-        out = Path(config.hydra.sweep.dir) / "report"
-        if children:
+@dataclass
+class Jobs:
+    """A sweep's child runs, however many, by how they ended."""
+
+    experiment: str
+    children: list[Any]
+    finished: list[Any]  # FINISHED with a final test loss
+    killed: int
+
+    @property
+    def failed(self) -> int:
+        return len(self.children) - len(self.finished) - self.killed
+
+    @property
+    def best(self) -> Any:
+        return min(self.finished, key=lambda r: r.data.metrics["test/loss"], default=None)
+
+    def counts(self) -> dict[str, int]:
+        return {"finished": len(self.finished), "failed": self.failed, "killed": self.killed}
+
+
+def tally(client: Any, parent: str) -> Jobs:
+    """The parent's children, every page of them. A child still RUNNING (or SCHEDULED) when its
+    sweep ends was killed: its job is over, as the launcher returned or failed, and it never
+    said so to MLflow (SIGKILL, out of memory, a joblib worker that died). It ends KILLED."""
+    from vaeexp.tracking.store import search_all
+
+    experiment = client.get_run(parent).info.experiment_id
+    children = search_all(client, [experiment], f"tags.mlflow.parentRunId = '{parent}'")
+    killed = 0
+    for run in children:
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(run.info.run_id, "KILLED")
+        killed += run.info.status in ("RUNNING", "SCHEDULED", "KILLED")
+    finished = [
+        r for r in children if r.info.status == "FINISHED" and "test/loss" in r.data.metrics
+    ]
+    return Jobs(experiment, children, finished, killed)
+
+
+def end_sweep(uri: str, parent: str, folder: Path, stopped: bool = False) -> None:
+    """The end of a sweep, also of one a job's error `stopped`: the parent run gets its best
+    child, the counts of its jobs as tags (`jobs.finished`, `jobs.failed`, `jobs.killed`) and the
+    report of the jobs that finished, and ends FINISHED when every job finished, else FAILED."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    from vaeexp.compare import best_group, report
+    from vaeexp.tracking.links import how_to_open
+    from vaeexp.tracking.store import log_changed
+
+    _CURRENT.clear()
+    client = MlflowClient(uri)
+    status = "FAILED"
+    try:
+        jobs = tally(client, parent)
+        if jobs.children and len(jobs.finished) == len(jobs.children) and not stopped:
+            status = "FINISHED"
+        tags = {f"jobs.{k}": str(v) for k, v in jobs.counts().items()}
+        best = jobs.best
+        if best is not None:
+            tags |= {"best_child_run_id": best.info.run_id, "best_child": best.info.run_name}
+        client.log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
+        if best is not None:  # a new point only when the best changed (a sweep continued)
+            log_changed(client, parent, {"best_test_loss": best.data.metrics["test/loss"]})
+        out = folder / "report"
+        if jobs.children:
             try:  # Hydra would turn an exception here into a warning: say it plainly instead
                 report(client, out, parent=parent)
                 log.info(
@@ -208,19 +257,22 @@ class SweepRun(Callback):
                 )
             except Exception as e:
                 log.error("the sweep's comparison report failed: %s: %s", type(e).__name__, e)
-        client.set_terminated(parent, "FINISHED" if children and not failed else "FAILED")
-        best_line = (
-            f"best {best.info.run_name} ({best.info.run_id}), test loss "
-            f"{best.data.metrics['test/loss']:.2f} nats per image"
-            if finished
-            else "no run finished"
-        )
-        group_line = _best_group(client, parent, out / "summary.json")
-        if group_line:
-            best_line = f"{group_line}\n  {best_line}"
-        print(
-            f"vaeexp: sweep of {len(children)} runs ({failed} not finished), parent run {parent}\n"
-            f"  {best_line}\n"
-            f"  report: {out / 'report.html'}\n"
-            f"  open:   {how_to_open(config.tracking.uri, experiment, parent)}"
-        )
+        group_line = best_group(client, parent, out / "summary.json")
+    finally:
+        client.set_terminated(parent, status)
+    best_line = (
+        f"best {best.info.run_name} ({best.info.run_id}), test loss "
+        f"{best.data.metrics['test/loss']:.2f} nats per image"
+        if best is not None
+        else "no run finished"
+    )
+    if group_line:
+        best_line = f"{group_line}\n  {best_line}"
+    counts = ", ".join(f"{n} {k}" for k, n in jobs.counts().items())
+    print(
+        f"vaeexp: sweep of {len(jobs.children)} runs ({counts}), parent run {parent} {status}\n"
+        + (f"  stopped early by a job's error; once fixed, continue it: {_again()}\n" * stopped)
+        + f"  {best_line}\n"
+        f"  report: {out / 'report.html'}\n"
+        f"  open:   {how_to_open(uri, jobs.experiment, parent)}"
+    )

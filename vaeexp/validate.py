@@ -99,7 +99,9 @@ def validate(cfg: DictConfig) -> None:
             f"resume={cfg.resume} is not allowed: must be auto, a run folder, a checkpoint file "
             "or an MLflow run id"
         )
-    import torch  # late: keeps `--help` and config errors fast
+    if cfg.device not in (Device.cuda, Device.mps):
+        return
+    import torch  # only to ask for a device: keeps `--help` and config errors fast
 
     if cfg.device == Device.cuda and not torch.cuda.is_available():
         raise ConfigError("device=cuda is not available on this machine; allowed here: auto, cpu")

@@ -58,6 +58,8 @@ TRAIN = [
     "iwae.images=0",
 ]
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=15"]
+QUICK = ["epochs=1", "data=mnist_bundled", "data.train_limit=200", "data.test_limit=100"]
+QUICK += ["progress=false", "iwae.images=0", "film=off"]
 
 
 @pytest.fixture(scope="module")
@@ -207,13 +209,34 @@ def test_ctrl_c_cancels_the_jobs_and_resume_auto_continues_the_sweep(tmp_path: P
     assert_whole(client, children[1], children[2])
 
 
-def test_a_job_stopped_by_a_bad_value_ends_the_sweep_with_its_line(tmp_path: Path):
-    """The job exits with vaeexp's one line; without accounting, submitit would wait forever for
-    a job that wrote no result."""
-    quick = ["epochs=1", "data=mnist_bundled", "data.train_limit=200", "data.test_limit=100"]
-    quick += ["progress=false", "iwae.images=0", "film=off"]
-    result = run_cli(*SLURM, "latent_dim=2,-1", *quick, env=env_for(tmp_path), timeout=240)
+def test_a_bad_value_stops_the_sweep_before_it_submits(tmp_path: Path):
+    before = squeue("-o", "%i")
+    result = run_cli(*SLURM, "latent_dim=2,-1", *QUICK, env=env_for(tmp_path), timeout=240)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "vaeexp: error: job #1 (latent_dim=-1): latent_dim=-1 is not allowed: must be an "
+        "integer >= 1"
+    ]
+    assert squeue("-o", "%i") == before  # nothing submitted
+    assert not (tmp_path / "runs").exists()  # no store, no run, no sweep folder
+
+
+def test_a_job_that_exits_with_its_line_ends_the_sweep_with_it(tmp_path: Path):
+    """A job whose data is missing exits with vaeexp's one line; without accounting, submitit
+    would wait forever for a job that wrote no result. Its sweep ends with that line, its parent
+    FAILED with the jobs counted."""
+    env = env_for(tmp_path)
+    quick = [o for o in QUICK if not o.startswith("data=")]
+    args = ["data=mnist_bundled,kmnist", "data.download=false", *quick]
+    result = run_cli(*SLURM, *args, env=env, timeout=240)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("vaeexp: error: latent_dim=-1 epochs=1 ")
-    assert last.endswith(": latent_dim=-1 is not allowed: must be an integer >= 1")
+    assert last.startswith("vaeexp: error: data=kmnist ")
+    assert ": data=kmnist: no kmnist files in " in last
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+    assert (parent.data.tags["jobs.finished"], parent.data.tags["jobs.failed"]) == ("1", "1")
+    [failed] = [r for r in runs if r.info.status == "FAILED" and r is not parent]
+    assert failed.data.tags["failure_reason"].startswith("DataUnavailable: data=kmnist: ")

@@ -39,7 +39,7 @@ from mlflow.tracking import MlflowClient
 from vaeexp.compare.figures import contact_sheet, plot_curves, plot_loss_vs_values
 from vaeexp.compare.groups import BANDS, Group, grouping, make_groups
 from vaeexp.compare.page import FILMS, write_html
-from vaeexp.compare.parent import log_groups
+from vaeexp.compare.parent import KEYS_TAG, grouping_label, log_groups
 from vaeexp.compare.runs import (
     Row,
     collect,
@@ -51,7 +51,7 @@ from vaeexp.compare.runs import (
 )
 from vaeexp.compare.tables import write_tables
 
-__all__ = ["BANDS", "FILM_BUDGET_MB", "logs_to_parent", "parent_of_sweep", "report"]
+__all__ = ["BANDS", "FILM_BUDGET_MB", "best_group", "logs_to_parent", "parent_of_sweep", "report"]
 
 log = logging.getLogger(__name__)
 FILM_BUDGET_MB = 32.0  # films embedded in report.html, at most; the rest go beside it
@@ -93,6 +93,7 @@ def report(
     keys = swept_keys(runs)
     by = grouping(keys, group_by=group_by, group=group)
     columns = keys + [k for k in by or [] if k not in keys]
+    logged = top is not None and logs_to_parent(parent, filter_string, log_to_parent)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / FILMS, ignore_errors=True)  # a previous report's; so are these:
     for stale in ("groups.md", "groups.csv"):
@@ -122,25 +123,35 @@ def report(
                 out,
                 title=title,
                 plots=[*plots, sheet],
-                notes=_notes(rows, filter_string, iwae_key(runs)),
+                notes=_notes(
+                    rows, filter_string, iwae_key(runs), grouping_label(by) if logged else None
+                ),
                 film_budget_mb=film_budget_mb,
             ),
         ]
     files.append(_summary(groups, by, out))
-    if top is not None and logs_to_parent(parent, filter_string, log_to_parent):
+    if logged:
         for path in files:
             client.log_artifact(top.info.run_id, str(path), "report")
-        if by is not None:
-            n = log_groups(client, top.info.run_id, groups, by, iwae_key(runs), workers)
-            log.info("logged %d group metrics to parent run %s", n, top.info.run_id)
+        n = log_groups(client, top.info.run_id, groups, by, iwae_key(runs), workers)
+        log.info("logged %d group metric points to parent run %s", n, top.info.run_id)
     films = out / FILMS
     if films.is_dir():
         files += sorted(films.iterdir())  # written beside the page, never logged
     return files
 
 
-def _notes(rows: list[Row], filter_string: str | None, iwae: str | None) -> list[str]:
+def _notes(
+    rows: list[Row], filter_string: str | None, iwae: str | None, logged_grouping: str | None
+) -> list[str]:
+    """`logged_grouping`: the grouping of the group metrics this report logs to the parent run;
+    None if it logs none."""
     notes = []
+    if logged_grouping:
+        notes.append(
+            f"The parent run's group metrics are this report's ({KEYS_TAG}: {logged_grouping}); "
+            "any of an earlier grouping are superseded: their latest value is NaN."
+        )
     if filter_string:
         notes.append(f"Runs matching the MLflow filter: {filter_string}")
     if iwae:
@@ -178,3 +189,24 @@ def _summary(groups: list[Group], by: list[str] | None, out: Path) -> Path:
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=1))
     return path
+
+
+def best_group(client: MlflowClient, parent: str, summary: Path) -> str | None:
+    """Over seeds, the setting to believe is the group with the best mean, not the luckiest run:
+    say it (from the report's summary) and tag the parent with it. None if runs were not
+    grouped."""
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None
+    groups = {k: g for k, g in data.get("groups", {}).items() if g.get("test/loss", {}).get("n")}
+    if not data.get("grouped_by") or not groups:
+        return None
+    label, group = min(groups.items(), key=lambda kv: kv[1]["test/loss"]["mean"])
+    loss = group["test/loss"]
+    client.set_tag(parent, "best_group", label)
+    spread = f" ± {loss['std']:.2f}" if "std" in loss else ""
+    return (
+        f"best setting {label}: test loss {loss['mean']:.2f}{spread} nats per image, mean over "
+        f"{int(loss['n'])} runs"
+    )

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
 
 from vaeexp.compare.groups import GROUP_METRICS, STATS, Group
+from vaeexp.tracking.store import log_changed
 
 GROUP_TAG = "group"  # on each child: its group's label, "latent_dim=8 lr=0.001"
 KEYS_TAG = "group.keys"  # on the parent: the settings the runs were grouped by
+GROUP_PREFIX = "group"  # the parent's group metrics: group/latent_dim-8/test_loss_mean
 _BAD = re.compile(r"[^\w.\- ]")  # what MLflow allows in a name on every platform
-_BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
 def segment(text: str) -> str:
@@ -35,7 +35,7 @@ def segment(text: str) -> str:
 def group_path(group: Group) -> str:
     """`group/latent_dim-8/lr-0.001`: where the group's metrics live."""
     parts = [segment(f"{k}-{v}") for k, v in group.values.items()] or ["all"]
-    return "/".join(["group", *parts])
+    return "/".join([GROUP_PREFIX, *parts])
 
 
 def metric_names(groups: list[Group], iwae_key: str | None) -> dict[str, dict[str, str]]:
@@ -83,18 +83,19 @@ def log_groups(
     client: MlflowClient,
     parent: str,
     groups: list[Group],
-    by: list[str],
+    by: list[str] | None,
     iwae_key: str | None,
     workers: int = 8,
 ) -> int:
-    """Log the group metrics to the parent and tag each child whose tag differs. Returns the
-    number of metrics logged."""
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in group_metrics(groups, iwae_key).items()]
-    tags = [RunTag(KEYS_TAG, " ".join(by) or "(none: all runs in one group)")]
-    for start in range(0, max(1, len(metrics)), _BATCH):
-        client.log_batch(parent, metrics=metrics[start : start + _BATCH], tags=tags)
-        tags = []
+    """Log the group metrics to the parent and tag each child whose tag differs; `by` None (runs
+    not grouped) logs none. A value the parent already has is not logged again, and group metrics
+    of an earlier grouping are superseded (NaN: MLflow deletes no metric). Returns the number of
+    metric points logged."""
+    metrics = group_metrics(groups, iwae_key) if by is not None else {}
+    client.set_tag(parent, KEYS_TAG, grouping_label(by))
+    n = log_changed(client, parent, metrics, supersede=f"{GROUP_PREFIX}/")
+    if by is None:
+        return n
     todo = [
         (row.run_id, group.label)
         for group in groups
@@ -103,4 +104,11 @@ def log_groups(
     ]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(lambda t: client.log_batch(t[0], tags=[RunTag(GROUP_TAG, t[1])]), todo))
-    return len(metrics)
+    return n
+
+
+def grouping_label(by: list[str] | None) -> str:
+    """The parent's `group.keys`: which grouping its group metrics are of."""
+    if by is None:
+        return "(not grouped: no group metrics)"
+    return " ".join(by) or "(none: all runs in one group)"

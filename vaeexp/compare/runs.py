@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from vaeexp.film.outputs import FILM_ARTIFACT, FILM_FOLDER, FINAL_FRAME_ARTIFACT
 from vaeexp.paths import PARENT_FILE, parent_run_id
 from vaeexp.tracking.naming import trained_overrides
+from vaeexp.tracking.store import search_all
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ METRICS = ("test/loss", "test/recon", "test/kl", "test/neg_elbo")
 IWAE_PREFIX = "test_nll_iwae_k"  # the end-of-run IWAE bound, test_nll_iwae_k{k}
 SEED = "seed"
 TAG = "tags."  # a grouping key naming a run's tag rather than a setting
-PAGE = 1000  # runs per search request; a report reads every page
 
 
 @dataclass
@@ -63,26 +63,15 @@ def runs_for(
     if parent:
         top = client.get_run(parent)
         where.insert(0, f"tags.mlflow.parentRunId = '{parent}'")
-        return top, _search(client, [top.info.experiment_id], " AND ".join(where))
+        return top, search_all(client, [top.info.experiment_id], " AND ".join(where))
     exp = client.get_experiment_by_name(experiment or "vaeexp")
     if exp is None:
         raise LookupError(f"no experiment named {experiment!r}")
-    runs = _search(client, [exp.experiment_id], " AND ".join(where))
+    runs = search_all(client, [exp.experiment_id], " AND ".join(where))
     parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
     return None, [  # sweeps' parents are not runs to compare
         r for r in runs if r.info.run_id not in parents and "sweep.overrides" not in r.data.params
     ]
-
-
-def _search(client: MlflowClient, experiment_ids: list[str], where: str) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(experiment_ids, where, max_results=PAGE, page_token=token)
-        runs += page
-        token = page.token
-        if not token:
-            return runs
 
 
 def overrides_of(run: Run) -> dict[str, str]:

@@ -23,26 +23,27 @@ FLUSH_SECONDS = 15.0
 
 class MlflowLogger:
     """The trainer's metric hook and the film's sink. After a hard kill, a resumed run retrains
-    steps it may already have logged: points at or before `logged_step` / `logged_epoch` were
-    delivered and are not sent twice."""
+    steps it may already have logged: a metric point or a step-wise image at or before the last
+    step MLflow has of its key (`delivered`, `delivered_images`) is not sent twice."""
 
-    def __init__(self, outbox: Outbox, logged_step: int = 0, logged_epoch: int = 0):
+    def __init__(
+        self,
+        outbox: Outbox,
+        delivered: dict[str, int] | None = None,
+        delivered_images: dict[str, int] | None = None,
+    ):
         self.outbox = outbox
         self.pending: list[Metric] = []
         self.lock = threading.Lock()  # the film logs from its own thread
-        self.logged_step, self.logged_epoch = logged_step, logged_epoch
+        self.delivered, self.delivered_images = delivered or {}, delivered_images or {}
         self.last_flush = time.monotonic()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        if step <= self.logged_step:
-            return
         self._add({f"train/{k}_step": v for k, v in metrics.items()}, step)
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
-        if epoch <= self.logged_epoch:
-            return
         self._add(metrics | {"epoch": epoch, "step": step}, epoch)
         self.flush()
 
@@ -51,7 +52,8 @@ class MlflowLogger:
         self.flush()
 
     def log_image(self, image: np.ndarray | Image.Image, key: str, step: int) -> None:
-        self.outbox.image_out(image, key, step)
+        if step > self.delivered_images.get(key, -1):
+            self.outbox.image_out(image, key, step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.outbox.artifact_out(path, artifact_path)
@@ -64,5 +66,10 @@ class MlflowLogger:
 
     def _add(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
+        points = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if step > self.delivered.get(k, -1)
+        ]
         with self.lock:
-            self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.pending += points

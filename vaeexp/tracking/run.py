@@ -16,7 +16,7 @@ import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from vaeexp.config import Config
+from vaeexp.config import Config, TrackingConfig
 from vaeexp.data import Dataset
 from vaeexp.images import EpochImages
 from vaeexp.paths import sweep_folder
@@ -28,10 +28,11 @@ from vaeexp.tracking.links import how_to_open
 from vaeexp.tracking.logger import MlflowLogger
 from vaeexp.tracking.naming import run_name
 from vaeexp.tracking.outbox import DeliveryIncomplete, Outbox
-from vaeexp.tracking.store import experiment_for, last_step, run_exists
+from vaeexp.tracking.store import experiment_for, image_steps, latest_metrics, run_exists
 from vaeexp.trainer import Result
 
 log = logging.getLogger(__name__)
+FAILURE_TAGS = {"failure_reason", "diverged"}  # a failed run's, until it is resumed
 
 
 @dataclass
@@ -89,9 +90,11 @@ def tracked_run(
     resumed = bool(resume_run_id) and run_exists(client, resume_run_id)
     if resumed:
         run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=tracking.system_metrics)
-        logged = client.get_run(resume_run_id).data.params
-        params = {k: v for k, v in params.items() if k not in logged}
+        earlier = client.get_run(resume_run_id).data
+        params = {k: v for k, v in params.items() if k not in earlier.params}
         tags["resumed_from"] = str(cfg.resume)
+        for stale in FAILURE_TAGS & earlier.tags.keys():  # why it stopped before: said again if so
+            client.delete_tag(resume_run_id, stale)
     else:
         name = tracking.run_name or run_name(overrides)
         # The tags from the start: a job killed at once still shows under its sweep's parent.
@@ -112,12 +115,12 @@ def tracked_run(
         if hydra_dir.is_dir():
             mlflow.log_artifacts(str(hydra_dir), "hydra")
         log.info("MLflow run %s (%s) in %s", run_id, run.info.run_name, tracking.uri)
-        done = (
-            (last_step(client, run_id, "train/loss_step"), last_step(client, run_id, "test/loss"))
-            if resumed
-            else (0, 0)
+        # Resumed after a hard kill: what MLflow already has of each metric and image key.
+        delivered = (
+            {k: m.step for k, m in latest_metrics(client, run_id).items()} if resumed else {}
         )
-        logger = MlflowLogger(outbox, *done)
+        images = image_steps(client, run_id) if resumed else {}
+        logger = MlflowLogger(outbox, delivered, images)
         tracked = TrackedRun(
             run_id,
             run.info.run_name,
@@ -128,9 +131,7 @@ def tracked_run(
             [logger],
         )
         if tracking.log_images:
-            tracked.hooks.append(
-                EpochImages(logger.log_image, data.test_x, cfg.latent_dim, device, done[1])
-            )
+            tracked.hooks.append(EpochImages(logger.log_image, data.test_x, cfg.latent_dim, device))
         yield tracked
         for logfile in output_dir.glob("*.log"):
             outbox.artifact_out(logfile)
@@ -169,3 +170,25 @@ def _end(client: MlflowClient, outbox: Outbox, status: str, failure: str | None,
         if status == "FINISHED":
             raise DeliveryIncomplete(message)
         log.error(message)
+
+
+def failed_before_its_run(
+    tracking: TrackingConfig, overrides: list[str], output_dir: Path, error: BaseException
+) -> None:
+    """A sweep's job that failed before its run started (its data, its checkpoint to resume)
+    still gets one, FAILED with its reason: its sweep's parent counts it, the report lists it,
+    and `resume=auto` continues it. Nothing if the job has a run already."""
+    client = MlflowClient(tracking.uri)
+    experiment_id = experiment_for(client, tracking)
+    if client.search_runs([experiment_id], f"tags.output_dir = '{output_dir}'", max_results=1):
+        return
+    tags = {
+        "mlflow.parentRunId": tracking.parent_run_id,
+        "sweep": str(sweep_folder() or ""),
+        "hydra_overrides": " ".join(overrides) or "(none)",
+        "output_dir": str(output_dir),
+        "failure_reason": f"{type(error).__name__}: {error}"[:5000],
+    }
+    name = tracking.run_name or run_name(overrides)
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))

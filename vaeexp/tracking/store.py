@@ -1,20 +1,30 @@
-"""The tracking store: is it there, and the experiment a run goes into."""
+"""The tracking store: is it there, the experiment a run goes into, and reading runs back (every
+page of a search, a run's latest points) to log only what is new."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import sqlite3
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric, Run
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from mlflow.tracking import MlflowClient
+from mlflow.utils import get_results_from_paginated_fn
 
 from vaeexp.config import TrackingConfig
 from vaeexp.tracking.outbox import fail_fast_over_http
 
+_BATCH = 1000  # MLflow's limit of metrics per log_batch
+# images/<key>+step+<step>+timestamp+...: the key's "/" as "~" ("#" before); "%" before "+"
+_IMAGE = re.compile(r"images/(?P<key>[^/]+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]")
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # UI: not the GenAI view
 
 
@@ -143,6 +153,61 @@ def finished_run(uri: str, state: dict, epochs: int) -> str | None:
     return run.info.run_name if run.info.status == "FINISHED" else None
 
 
-def last_step(client: MlflowClient, run_id: str, key: str) -> int:
-    """The last step at which the run has `key`; 0 if never."""
-    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)
+def search_all(
+    client: MlflowClient, experiment_ids: list[str], filter_string: str = ""
+) -> list[Run]:
+    """Every run that matches: one MLflow search returns one page (at most 1,000 runs)."""
+    return get_results_from_paginated_fn(
+        lambda n, token: client.search_runs(
+            experiment_ids, filter_string, max_results=n, page_token=token
+        ),
+        SEARCH_MAX_RESULTS_DEFAULT,
+    )
+
+
+def latest_metrics(client: MlflowClient, run_id: str) -> dict[str, Metric]:
+    """The run's latest point of each metric (the one at its highest step), in one call."""
+    return {
+        m.key: Metric(m.key, m.value, m.timestamp, m.step)
+        for m in client.get_run(run_id).data.to_proto().metrics
+    }
+
+
+def image_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The highest step of each key of the run's step-wise images (`log_image(key=, step=)`),
+    read from the file names MLflow gives them, as its UI does (either separator it has used)."""
+    steps: dict[str, int] = {}
+    for f in client.list_artifacts(run_id, "images"):
+        if m := _IMAGE.match(f.path):
+            key = m["key"].replace("~", "/").replace("#", "/")  # MLflow allows neither in a key
+            steps[key] = max(steps.get(key, -1), int(m["step"]))
+    return steps
+
+
+def log_changed(
+    client: MlflowClient, run_id: str, metrics: dict[str, float], supersede: str | None = None
+) -> int:
+    """Log each of `metrics` that differs from the run's latest value, at the step after that
+    one: a report made again, or a sweep continued, adds no second point at a step. The run's
+    other metrics whose names start with `supersede` get NaN as their latest value: no longer
+    current. MLflow has no call that deletes a metric. Returns the number of points logged."""
+    latest = latest_metrics(client, run_id)
+    now = int(time.time() * 1000)
+    points = [
+        Metric(key, value, now, latest[key].step + 1 if key in latest else 0)
+        for key, value in metrics.items()
+        if key not in latest or not _same(latest[key].value, value)
+    ]
+    if supersede:
+        points += [
+            Metric(key, math.nan, now, last.step + 1)
+            for key, last in latest.items()
+            if key.startswith(supersede) and key not in metrics and not math.isnan(last.value)
+        ]
+    for start in range(0, len(points), _BATCH):
+        client.log_batch(run_id, metrics=points[start : start + _BATCH])
+    return len(points)
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
