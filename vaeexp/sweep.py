@@ -130,7 +130,7 @@ class SweepRun(Callback):
 
         uri = config.tracking.uri
         try:
-            check_reachable(uri)
+            check_reachable(uri, config.tracking.experiment)  # before the parent run exists
         except TrackingUnavailable as e:  # Hydra would turn it into a warning and launch anyway
             print(f"vaeexp: error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
