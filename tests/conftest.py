@@ -198,29 +198,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mlflow_server(root: Path, port: int, backend: str | None = None) -> subprocess.Popen:
+def mlflow_server(
+    root: Path, port: int, backend: str | None = None, auth: dict[str, str] | None = None
+) -> subprocess.Popen:
     """A real tracking server on 127.0.0.1 with its own store (SQLite unless `backend` names a
-    database) and artifact folder, which it serves."""
+    database) and artifact folder, which it serves; with `auth` (`basic_auth`), MLflow's
+    basic-auth app. One worker process, and none of the eight that run MLflow's server jobs
+    (GenAI evaluations, which vaeexp never asks for): starting them costs several times the
+    CPU of the server itself."""
     import urllib.request
 
+    app = ["--app-name", "basic-auth"] if auth else []
+    quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "mlflow",
             "server",
+            *app,
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",
+            "1",
             "--backend-store-uri",
             backend or f"sqlite:///{root / 'server.db'}",
             "--artifacts-destination",
             str(root / "artifacts"),
         ],
         cwd=root,
+        env={**os.environ, **quiet, **(auth or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, which a test may pause as a whole
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -232,6 +244,92 @@ def mlflow_server(root: Path, port: int, backend: str | None = None) -> subproce
             time.sleep(0.5)
     proc.kill()
     raise AssertionError("mlflow server did not come up")
+
+
+def basic_auth(root: Path, admin_password: str, users: str | None = None) -> dict[str, str]:
+    """The README's team server ("Running on a cluster", step 1): its auth.ini, word for word
+    but for the admin's password and the users' database (SQLite in `root` unless `users` names
+    one), and a session key: the environment `mlflow server --app-name basic-auth` needs."""
+    import configparser
+    import re
+    import secrets
+    import textwrap
+
+    from vaeexp.paths import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    [block] = re.findall(r"```ini\n(.*?)```", readme, re.S)
+    ini = configparser.ConfigParser()
+    ini.read_string(textwrap.dedent(block))
+    ini["mlflow"]["database_uri"] = users or f"sqlite:///{root / 'basic_auth.db'}"
+    ini["mlflow"]["admin_password"] = admin_password
+    path = root / "auth.ini"
+    with path.open("w") as f:
+        ini.write(f)
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(path),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+    }
+
+
+def as_user(name: str, password: str) -> dict[str, str]:
+    """The environment that makes MLflow's client (and so vaeexp) log in as `name`."""
+    return {"MLFLOW_TRACKING_USERNAME": name, "MLFLOW_TRACKING_PASSWORD": password}
+
+
+@pytest.fixture
+def own_http_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a test that calls check_reachable in-process: the HTTP settings it gives MLflow
+    (outbox.fail_fast_over_http) end with the test, not with the worker process."""
+    for var in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"):
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{var}", "")  # remembers how it was ...
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{var}")  # ... and leaves it unset for the test
+
+
+class TeamServer:
+    """The README's team server, steps 1 and 2, on 127.0.0.1: MLflow's basic-auth app over
+    `backend` (SQLite in `root` unless given), its users in `users`; the admin has made alice,
+    who may write the experiment `vaeexp`, and bob, who may only read it (the default)."""
+
+    def __init__(self, root: Path, backend: str | None = None, users: str | None = None):
+        import secrets
+
+        from mlflow.server import get_app_client
+
+        # Passwords nothing else contains, to look for everywhere.
+        self.passwords = {n: f"{n}-{secrets.token_hex(8)}" for n in ("admin", "alice", "bob")}
+        port = free_port()
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc = mlflow_server(
+            root, port, backend, auth=basic_auth(root, self.passwords["admin"], users)
+        )
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                client = self.admin(mp)
+                auth = get_app_client("basic-auth", tracking_uri=self.uri)
+                auth.create_user("alice", self.passwords["alice"])
+                auth.create_user("bob", self.passwords["bob"])
+                experiment = client.create_experiment("vaeexp")
+                auth.grant_user_permission("alice", "experiment", experiment, "EDIT")
+        except BaseException:
+            self.stop()
+            raise
+
+    def login(self, user: str | None, password: str | None = None) -> dict[str, str]:
+        """The environment of a user (None: no credentials at all)."""
+        return as_user(user, password or self.passwords[user]) if user else as_user("", "")
+
+    def admin(self, monkeypatch: pytest.MonkeyPatch):
+        """An MlflowClient of the admin's, for this test (monkeypatch keeps the login)."""
+        from mlflow.tracking import MlflowClient
+
+        for k, v in self.login("admin").items():
+            monkeypatch.setenv(k, v)
+        return MlflowClient(self.uri)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

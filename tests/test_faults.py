@@ -198,7 +198,7 @@ def test_data_cache_that_cannot_be_written(tmp_path):
     )
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
-    assert "cannot write the download cache" in line and "data.root=" in line
+    assert "cannot write the data cache" in line and "data.root=" in line
 
 
 @pytest.fixture

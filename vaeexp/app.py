@@ -111,7 +111,8 @@ def _train(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     cpu_settings(typed.flush_denormal, job_threads(typed.threads, hc))
     device = pick_device(typed.device.value)
-    check_reachable(typed.tracking.uri)  # seconds, not minutes of retries, before any work
+    # Seconds, not minutes of retries, and before any work: credentials and write access too.
+    check_reachable(typed.tracking.uri, typed.tracking.experiment)
     output_dir = Path(hc.runtime.output_dir)
     resume, adopted = None, None
     if typed.resume:

@@ -126,7 +126,7 @@ class SweepRun(Callback):
 
         uri = config.tracking.uri
         try:
-            check_reachable(uri)
+            check_reachable(uri, config.tracking.experiment)  # before the parent run exists
             check_launcher(config.hydra.launcher)  # a SLURM request no node can hold
         except TrackingUnavailable as e:
             _exit(e, 1)

@@ -10,8 +10,12 @@ import difflib
 import importlib.util
 import math
 import re
+import sys
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vaeexp.config import RUN_ID, Config, Device
@@ -76,6 +80,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
+    check_no_credentials(cfg.tracking.uri)
     if cfg.data.mirrors is not None and not cfg.data.mirrors:
         raise ConfigError(
             "data.mirrors=[] is not allowed: must be null (the dataset's own mirrors) or a list "
@@ -107,6 +112,52 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("device=cuda is not available on this machine; allowed here: auto, cpu")
     if cfg.device == Device.mps and not torch.backends.mps.is_available():
         raise ConfigError("device=mps is not available on this machine; allowed here: auto, cpu")
+
+
+def check_no_credentials(uri: str) -> None:
+    """Refuse a user name or password written into tracking.uri. Whatever the URI holds is
+    recorded as the run's params, in checkpoints, logs and Hydra's saved config, which Hydra
+    writes before vaeexp's code runs: refusing it (before Hydra writes anything, see
+    `RefuseCredentials`) leaves nothing to redact in any of those places, today's or a later
+    one's. MLflow reads a server's credentials from its own variables instead."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:  # not a URI at all: check_reachable names it
+        return
+    web = parts.scheme in ("http", "https")
+    if parts.password is None and not (web and parts.username is not None):
+        return
+    where = parts.netloc.rpartition("@")[2]
+    fix = (
+        f"use tracking.uri={parts.scheme}://{where}{parts.path} and set MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD"
+        if web
+        else "leave the password to the database driver (for PostgreSQL: PGPASSWORD or ~/.pgpass)"
+    )
+    raise ConfigError(
+        f"tracking.uri (or MLFLOW_TRACKING_URI) holds credentials for {where}, which would be "
+        f"saved with the run's config, params and logs: {fix}"
+    )
+
+
+class RefuseCredentials(Callback):
+    """Hydra writes the config of a run (.hydra/) or a sweep (multirun.yaml) right after these
+    hooks: a URI with credentials stops here, before anything is written. A callback's
+    exception would be only a warning to Hydra; SystemExit ends the command."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            check_no_credentials(config.tracking.uri)
+        except ConfigError as e:
+            print(f"vaeexp: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def explain(exc: BaseException) -> str:

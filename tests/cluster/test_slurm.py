@@ -1,7 +1,8 @@
-"""vaeexp.slurm on a real SLURM cluster, logging to a real `mlflow server` on PostgreSQL:
-`tests/cluster/setup.sh` brings both up on this machine (CI runs it; these tests skip, saying
-why, where it has not run). Covers a sweep landing whole in MLflow, a job requeued by SLURM and
-one signalled before its time limit, a request no node can hold, and Ctrl-C followed by
+"""vaeexp.slurm on a real SLURM cluster, logging to a real `mlflow server` on PostgreSQL with
+MLflow's basic auth (README "Running on a cluster"): `tests/cluster/setup.sh` brings both up on
+this machine (CI runs it; these tests skip, saying why, where it has not run). Covers a sweep
+landing whole in MLflow with its user's credentials and nowhere else, a job requeued by SLURM
+and one signalled before its time limit, a request no node can hold, and Ctrl-C followed by
 `resume=auto`."""
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
+    TeamServer,
     env_for,
-    free_port,
     metric_steps,
-    mlflow_server,
     run_cli,
     start_cli,
     sweep_of,
     wait_for,
 )
+from vaeexp.tracking.store import TrackingUnavailable, check_reachable
 
 SETUP = "run `sudo bash tests/cluster/setup.sh` first (CI does)"
 DATABASE = "postgresql://vaeexp:vaeexp@127.0.0.1:5432/vaeexp"
@@ -63,29 +64,34 @@ QUICK += ["progress=false", "iwae.images=0", "film=off"]
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A fresh PostgreSQL database of this module's own, as a backend-store URI."""
+def postgres() -> Iterator[tuple[str, str]]:
+    """Two fresh PostgreSQL databases of this module's own, for the runs and for the users, as
+    URIs."""
     psycopg = pytest.importorskip("psycopg", reason='the server extra: pip install -e ".[dev]"')
-    name = f"vaeexp_test_{uuid.uuid4().hex[:8]}"
+    pytest.importorskip("flask_wtf", reason='the server extra: pip install -e ".[dev]"')
+    names = [f"vaeexp_test_{uuid.uuid4().hex[:8]}{kind}" for kind in ("", "_auth")]
     try:
         admin = psycopg.connect(DATABASE, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as e:
         pytest.skip(f"no PostgreSQL for MLflow ({str(e).strip()[:100]}): {SETUP}")
-    admin.execute(f"CREATE DATABASE {name}")
-    yield DATABASE.rsplit("/", 1)[0] + f"/{name}"
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    for name in names:
+        admin.execute(f"CREATE DATABASE {name}")
+    runs, users = (DATABASE.rsplit("/", 1)[0] + f"/{name}" for name in names)
+    yield runs, users
+    for name in names:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     admin.close()
 
 
 @pytest.fixture(scope="module")
-def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 over that database, serving artifacts itself."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = mlflow_server(root, port, backend=postgres)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
+def server(
+    postgres: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TeamServer]:
+    """The README's team server on 127.0.0.1 over those databases, serving artifacts itself."""
+    runs, users = postgres
+    team = TeamServer(tmp_path_factory.mktemp("server"), backend=runs, users=users)
+    yield team
+    team.stop()
 
 
 def launch(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -124,10 +130,13 @@ def assert_whole(client: MlflowClient, run, like) -> None:
         ), key
 
 
-def test_sweep_on_postgres_server_survives_requeue_and_signal(server: str, tmp_path: Path):
-    env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": ""}
+def test_sweep_on_postgres_server_survives_requeue_and_signal(
+    server: TeamServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """As alice, whose credentials reach the jobs through SLURM's environment only."""
+    env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": "", **server.login("alice")}
     log = tmp_path / "sweep.log"
-    proc = launch("tracking=server", f"tracking.uri={server}", "latent_dim=2,3,4", *TRAIN,
+    proc = launch("tracking=server", f"tracking.uri={server.uri}", "latent_dim=2,3,4", *TRAIN,
                   env=env, log=log)  # fmt: skip
     try:
         folder = sweep_folder(tmp_path / "runs")
@@ -141,7 +150,7 @@ def test_sweep_on_postgres_server_survives_requeue_and_signal(server: str, tmp_p
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
         proc.kill()
-    client = MlflowClient(server)
+    client = server.admin(monkeypatch)
     parent, children = sweep_of(client)
     assert parent.info.status == "FINISHED"
     assert [r.info.status for r in children] == ["FINISHED"] * 3
@@ -162,6 +171,32 @@ def test_sweep_on_postgres_server_survives_requeue_and_signal(server: str, tmp_p
     report = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in report
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # everything went to the server
+    password = server.passwords["alice"]  # nowhere but in the jobs' environment
+    for run in [parent, *children]:
+        assert password not in str({**run.data.params, **run.data.tags}), run.info.run_name
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # submitit's files included
+    assert list(folder.glob(".submitit/*/*_submitted.pkl"))
+    assert not [p for p in written if password.encode() in p.read_bytes()]
+
+
+def test_the_postgres_team_server_stops_a_refused_or_read_only_user_first(
+    server: TeamServer, monkeypatch: pytest.MonkeyPatch, own_http_settings: None
+):
+    """The check a run makes before its data, against users kept in PostgreSQL."""
+    for user, password, said in [
+        (None, None, "the server refused the credentials (401); none were given"),
+        ("alice", "not-hers", "the server refused the credentials of user 'alice' (401)"),
+        ("bob", None, "user 'bob' may read but not write the experiment 'vaeexp'"),
+        ("alice", None, None),
+    ]:
+        for k, v in server.login(user, password).items():
+            monkeypatch.setenv(k, v)
+        if said is None:
+            check_reachable(server.uri, "vaeexp")
+            continue
+        with pytest.raises(TrackingUnavailable) as refused:
+            check_reachable(server.uri, "vaeexp")
+        assert str(refused.value).startswith(f"tracking.uri={server.uri}: {said}")
 
 
 def test_a_request_no_node_can_hold_stops_before_submitting(tmp_path: Path):
@@ -222,21 +257,20 @@ def test_a_bad_value_stops_the_sweep_before_it_submits(tmp_path: Path):
 
 
 def test_a_job_that_exits_with_its_line_ends_the_sweep_with_it(tmp_path: Path):
-    """A job whose data is missing exits with vaeexp's one line; without accounting, submitit
-    would wait forever for a job that wrote no result. Its sweep ends with that line, its parent
-    FAILED with the jobs counted."""
+    """A job that fails as it starts (it continues an MLflow run that does not exist) exits
+    with vaeexp's one line; without accounting, submitit would wait forever for a job that
+    wrote no result. Its sweep ends with that line, its parent FAILED with the jobs counted."""
     env = env_for(tmp_path)
-    quick = [o for o in QUICK if not o.startswith("data=")]
-    args = ["data=mnist_bundled,kmnist", "data.download=false", *quick]
-    result = run_cli(*SLURM, *args, env=env, timeout=240)
+    missing = "0" * 32
+    result = run_cli(*SLURM, f"resume=null,{missing}", *QUICK, env=env, timeout=240)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("vaeexp: error: data=kmnist ")
-    assert ": data=kmnist: no kmnist files in " in last
+    assert last.startswith(f"vaeexp: error: resume={missing} ")
+    assert f": resume={missing}: no such MLflow run in " in last
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FAILED"
     assert (parent.data.tags["jobs.finished"], parent.data.tags["jobs.failed"]) == ("1", "1")
     [failed] = [r for r in runs if r.info.status == "FAILED" and r is not parent]
-    assert failed.data.tags["failure_reason"].startswith("DataUnavailable: data=kmnist: ")
+    assert failed.data.tags["failure_reason"].startswith(f"CheckpointError: resume={missing}: ")

@@ -209,7 +209,7 @@ def _cache_lock(raw: Path, cache: str) -> Iterator[None]:
         lock = FileLock(str(raw.parent / ".vaeexp.lock"))
         lock.acquire()
     except OSError as e:
-        raise DataUnavailable(_unwritable(cache, e)) from None
+        raise DataBroken(_unwritable(cache, e)) from None
     try:
         yield
     finally:
@@ -246,7 +246,7 @@ def _download(cls: Any, cache: str, mirrors: list[str] | None, progress: bool, t
             cls(cache, train=False, download=True)
     except OSError as e:  # the cache itself (not writable, disk full), or a mirror timed out
         if getattr(e, "filename", None) and str(cache) in str(e.filename):
-            raise DataUnavailable(_unwritable(cache, e)) from None
+            raise DataBroken(_unwritable(cache, e)) from None
         raise DataUnavailable(f"{tried}, and download failed: {_one_line(str(e))}") from None
     except (RuntimeError, EOFError, zlib.error) as e:  # no mirror, a wrong MD5, a bad archive
         raise DataUnavailable(f"{tried}, and download failed: {_one_line(str(e))}") from None
@@ -297,7 +297,7 @@ def _unpack(cls: Any, folder: Path, raw: Path, cache: str) -> None:
                 target = Path(tmp) / Path(name).name.removesuffix(".gz")
                 os.replace(target if target.is_file() else unpacked, raw / target.name)
     except OSError as e:
-        raise DataUnavailable(_unwritable(cache, e)) from None
+        raise DataBroken(_unwritable(cache, e)) from None
 
 
 def _read(cls: Any, root: str, raw: Path, seeded_from: Path | None = None) -> list[Any]:

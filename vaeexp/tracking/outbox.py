@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "undelivered.json"
 RETRY_SECONDS = 30.0
+# How long a call waits for a server's answer. One that is down refuses the connection at once;
+# a busy one (a sweep's jobs all starting at once on a small machine) answers late, but answers.
+ANSWER_SECONDS = 60
 
 
 class DeliveryIncomplete(RuntimeError):
@@ -37,10 +40,12 @@ class DeliveryIncomplete(RuntimeError):
 
 def fail_fast_over_http() -> None:
     """MLflow retries an HTTP call 7 times with exponential backoff (minutes) by default; we keep
-    what fails and retry later instead. A user's own settings win."""
+    what fails and retry later instead. It does wait for a busy server's answer (ANSWER_SECONDS):
+    one that many jobs write at once answers late, and giving up on it sooner fails their runs.
+    A user's own settings win."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(ANSWER_SECONDS))
 
 
 class Outbox:

@@ -12,9 +12,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities import Metric, Run
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from mlflow.tracking import MlflowClient
 from mlflow.utils import get_results_from_paginated_fn
@@ -25,7 +27,14 @@ from vaeexp.tracking.outbox import fail_fast_over_http
 _BATCH = 1000  # MLflow's limit of metrics per log_batch
 # images/<key>+step+<step>+timestamp+...: the key's "/" as "~" ("#" before); "%" before "+"
 _IMAGE = re.compile(r"images/(?P<key>[^/]+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]")
+
+if TYPE_CHECKING:
+    import requests
+
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # UI: not the GenAI view
+# MLflow's basic-auth permissions that may create runs in an experiment (READ and USE may not);
+# named here because importing mlflow.server.auth.permissions loads the whole server app.
+WRITE = ("EDIT", "MANAGE")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -37,10 +46,12 @@ SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "d
 ALLOWED = "sqlite:///<path>.db, http(s)://<server>, postgresql://..., mysql://..., file:<folder>"
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, experiment: str | None = None) -> None:
     """Fail in seconds, with one line naming the URI, when MLflow could not use the store: an
-    unknown scheme, a SQLite file that is not an MLflow store, a server that does not answer
-    (MLflow's own client would retry for minutes). Makes sure a local store's folder exists."""
+    unknown scheme, a SQLite file that is not an MLflow store, a server that is down (MLflow's
+    own client would retry for minutes; a busy server is waited for) or, given the `experiment`
+    a run will write, one that refuses our credentials or lets us only read it
+    (`check_access`). Makes sure a local store's folder exists."""
     scheme = urllib.parse.urlsplit(uri).scheme
     family = scheme.split("+")[0].split("-")[0]  # postgresql+psycopg, databricks-uc
     if scheme and family not in SCHEMES and not Path(uri).is_absolute():
@@ -49,9 +60,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         )
     if uri.startswith(("http://", "https://")):
         fail_fast_over_http()
+        wait = MLFLOW_HTTP_REQUEST_TIMEOUT.get()  # a down server refuses at once; a busy one waits
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-                return
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=wait):
+                pass
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise TrackingUnavailable(
@@ -59,6 +71,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 "`mlflow server --host 127.0.0.1 --port 5000`, or use the local store "
                 "(tracking=local)"
             ) from None
+        if experiment is not None:
+            check_access(uri, experiment)
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         try:
@@ -66,6 +80,95 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         except OSError as e:
             raise TrackingUnavailable(f"tracking.uri={uri}: cannot create {folder} ({e})") from None
         _check_sqlite_store(uri, Path(uri.removeprefix("sqlite:///")))
+
+
+def check_access(uri: str, experiment: str) -> None:
+    """A server that checks who writes (`mlflow server --app-name basic-auth`) would refuse our
+    credentials (401) or our first write (403) only once the data is loaded, and with a
+    traceback: ask it first. Credentials are MLflow's own
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or a token), sent as its client sends
+    them. Whether the user may write comes from the auth app's per-user permission query, which
+    resolves a permission the way its own checks do; a server without the auth app has no such
+    routes, and an experiment that does not exist yet is the user's to create."""
+    found = _ask(uri, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=experiment)
+    who = _who(uri)
+    if found.status_code == 401:
+        fix = (
+            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            if who
+            else "none were given: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        raise TrackingUnavailable(
+            f"tracking.uri={uri}: the server refused the credentials{f' of {who}' if who else ''}"
+            f" (401); {fix}"
+        )
+    ask_admin = (
+        "ask the server's admin for EDIT on it, or log to another with tracking.experiment=<name>"
+    )
+    if found.status_code == 403:
+        raise TrackingUnavailable(
+            f"tracking.uri={uri}: {who or 'this user'} may not read the experiment "
+            f"'{experiment}' there (403); {ask_admin}"
+        )
+    experiment_id = _json(found).get("experiment", {}).get("experiment_id")
+    if not experiment_id:
+        return  # not there yet: created on first use
+    user = _json(_ask(uri, "/api/2.0/mlflow/users/current")).get("user", {})
+    if not user.get("username") or user.get("is_admin"):
+        return  # no auth app, or the admin: nothing more to ask
+    granted = _ask(
+        uri,
+        "/api/3.0/mlflow/users/permissions/get",
+        username=user["username"],
+        resource_type="experiment",
+        resource_id=experiment_id,
+    )
+    permission = _json(granted).get("permission")
+    if permission is not None and permission not in WRITE:
+        raise TrackingUnavailable(
+            f"tracking.uri={uri}: user '{user.get('username')}' may read but not write the "
+            f"experiment '{experiment}' there (permission {permission}: its runs would be "
+            f"refused with 403); {ask_admin}"
+        )
+
+
+def _ask(uri: str, endpoint: str, **params: str) -> requests.Response:
+    """GET `endpoint` with MLflow's credentials, once; the response whatever its status."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        return http_request(
+            get_default_host_creds(uri),
+            endpoint,
+            "GET",
+            max_retries=0,
+            raise_on_status=False,
+            params=params,
+        )
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingUnavailable(
+            f"tracking.uri={uri}: the server stopped answering ({str(e).splitlines()[0][:200]})"
+        ) from None
+
+
+def _json(response: requests.Response) -> dict:
+    """A successful answer's JSON; {} for any other (a refusal, a route this server lacks)."""
+    try:
+        body = response.json() if response.status_code == 200 else {}
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _who(uri: str) -> str | None:
+    """The credentials MLflow sends, in words, never the secret."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)
+    if creds.username and creds.password:  # MLflow sends neither without the other
+        return f"user '{creds.username}'"
+    return "the token in MLFLOW_TRACKING_TOKEN" if creds.token else None
 
 
 def _check_sqlite_store(uri: str, path: Path) -> None:
