@@ -30,7 +30,7 @@ from vaeexp.validate import ConfigError, check_no_credentials
 
 # MNIST that is not there and may not be fetched: a run that got as far as its data would end
 # with a data error, not the server's.
-NO_DATA = ["data=mnist", "data.download=false", "data.fallback=false", "data.system_dirs=[]"]
+NO_DATA = ["data=mnist", "data.download=false", "data.fallback=null", "data.system_dirs=[]"]
 TINY = ["data=mnist_bundled", "data.train_limit=200", "data.test_limit=100", "epochs=1"]
 TINY += ["intermediate_dim=16", "film=off", "iwae.images=0", "log_every_n_steps=1"]
 TINY += ["progress=false", "tracking.log_model=false", "tracking.log_images=false"]
