@@ -130,6 +130,18 @@ def wait_for(what: str, ready: Callable[[], object], timeout: float = 240) -> ob
     raise AssertionError(f"waited {timeout:.0f} s for {what}")
 
 
+def sweep_runs(uri: str, experiment: str = "vaeexp"):
+    """(client, parent, children) of the one sweep in the store's experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r is not parent]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    return client, parent, children
+
+
 def sweep_of(client):
     """(parent, children by latent_dim) of the one sweep in the store's `vaeexp` experiment."""
     runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])

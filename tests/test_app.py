@@ -14,9 +14,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, env_for, only_run, run_cli
+from tests.conftest import TINY, env_for, only_run, run_cli, sweep_runs
 from vaeexp import checkpoint
 from vaeexp.model import VAE
 from vaeexp.paths import CONF_DIR, PROJECT_ROOT
@@ -228,10 +227,8 @@ def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
-    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r is not parent]
+    _, parent, children = sweep_runs(env["MLFLOW_TRACKING_URI"])
+    runs = [parent, *children]
     assert parent.info.run_name.startswith("sweep latent_dim=2,3 intermediate_dim=16,32")
     assert parent.data.params["sweep.overrides"].startswith("latent_dim=2,3 intermediate_dim=16,32")
     assert sorted(",".join(r.info.run_name.split(",")[:2]) for r in children) == [
@@ -275,10 +272,8 @@ def test_kl_weight_sweep_names_logs_and_reports_each_weight(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("vaeexp").experiment_id])
-    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = sorted((r for r in runs if r is not parent), key=lambda r: r.info.run_name)
+    client, parent, children = sweep_runs(env["MLFLOW_TRACKING_URI"])
+    children = sorted(children, key=lambda r: r.info.run_name)
     assert [r.info.run_name.split(",")[:2] for r in children] == [
         ["kl_weight=1", "kl_warmup_epochs=2"],
         ["kl_weight=4", "kl_warmup_epochs=2"],

@@ -6,22 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, env_for, free_port, image_steps, mlflow_server, run_cli
+from tests.conftest import (
+    TINY,
+    env_for,
+    free_port,
+    image_steps,
+    mlflow_server,
+    run_cli,
+    sweep_runs,
+)
 
 # 400 images / 50 = 8 steps an epoch
 QUICK = [*TINY, "intermediate_dim=16", "batch_size=50", "tracking.log_model=false"]
 QUICK += ["iwae.images=0"]
-
-
-def sweep_runs(uri: str, experiment: str = "vaeexp"):
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r is not parent]
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
-    return client, parent, children
 
 
 def test_joblib_eight_jobs_at_once_on_one_sqlite_store_lose_nothing(tmp_path):
