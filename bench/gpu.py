@@ -44,9 +44,10 @@ from vaeexp.data import Dataset  # noqa: E402
 from vaeexp.film.capture import FilmedImages, to_host  # noqa: E402
 from vaeexp.likelihood import iwae_metrics  # noqa: E402
 from vaeexp.model import VAE  # noqa: E402
+from vaeexp.process import cpu_settings, pick_device  # noqa: E402
 from vaeexp.resumable import Checkpoints  # noqa: E402
 from vaeexp.step import held_out_losses, setup  # noqa: E402
-from vaeexp.trainer import cpu_settings, pick_device, train  # noqa: E402
+from vaeexp.trainer import Callback, train  # noqa: E402
 
 
 def config(device: str, epochs: int, **overrides: object) -> Config:
@@ -79,14 +80,11 @@ def generated(n_train: int, n_test: int) -> Dataset:
     return Dataset(*split(n_train), *split(n_test), resolved="generated", source="bench/gpu.py")
 
 
-class Recorder:
-    """The trainer's hook: each epoch's metrics."""
+class Recorder(Callback):
+    """Each epoch's metrics."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        pass
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
         self.epochs.append(metrics)
@@ -130,7 +128,7 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
     untrained, _ = setup(cfg, device)
     before = held_out_losses(untrained, data.test_x.to(device), 1.0, 1000)["loss"]
     hook = Recorder()
-    result, syncs = counted_syncs(device, lambda: train(cfg, data, device, hooks=[hook]))
+    result, syncs = counted_syncs(device, lambda: train(cfg, data, device, callbacks=[hook]))
     steps, loss = result.step, hook.epochs[-1]["test/loss"]
     on_device = next(result.model.parameters()).device.type == device.type
     checks(
@@ -207,7 +205,7 @@ def epoch_seconds(args: argparse.Namespace, device: torch.device, data: Dataset)
     """Median seconds per epoch after the first (warm-up)."""
     hook = Recorder()
     cfg = config(str(device), args.epochs, log_every_n_steps=args.log_every)
-    train(cfg, data, device, hooks=[hook])
+    train(cfg, data, device, callbacks=[hook])
     timed = sorted(e["epoch_seconds"] for e in (hook.epochs[1:] or hook.epochs))
     return timed[len(timed) // 2]
 

@@ -27,13 +27,13 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from vaeexp.app import steady_memory
 from vaeexp.config import register, settings
 from vaeexp.data import load_data
 from vaeexp.paths import CONF_DIR
+from vaeexp.process import cpu_settings, steady_memory
 from vaeexp.resumable import Checkpoints
 from vaeexp.tracking.run import tracked_run
-from vaeexp.trainer import cpu_settings, train
+from vaeexp.trainer import train
 
 
 def cfg_for(*overrides: str):
@@ -136,7 +136,7 @@ def vaeexp_train(data, store: str, *overrides: str) -> tuple[float, dict]:
             cfg,
             data,
             torch.device("cpu"),
-            hooks=run.hooks,
+            callbacks=run.callbacks,
             checkpoints=Checkpoints(out / "checkpoint.pt"),
         )
         seconds = time.perf_counter() - start

@@ -87,7 +87,7 @@ def test_interrupt_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     env = env_for(tmp_path / "interrupted")
     proc = _start(env, "epochs=2")
-    _wait_for(proc, "first step done")
+    _wait_for(proc, "steps, from step")
     time.sleep(0.3)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -185,7 +185,7 @@ def test_unreachable_tracking_server_fails_in_seconds(tmp_path):
     assert result.returncode == 1 and time.monotonic() - started < 20
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"vaeexp: error: tracking.uri=http://127.0.0.1:{port}: no MLflow server")
-    assert "first step done" not in result.stdout
+    assert "steps, from step" not in result.stdout
 
 
 def test_data_cache_that_cannot_be_written(tmp_path):

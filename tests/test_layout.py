@@ -16,7 +16,7 @@ PACKAGE = PROJECT_ROOT / "vaeexp"
 # Lower layers never import higher ones: where things live -> config -> data/model -> a sweep's
 # jobs -> the step -> the trainer -> tracking/film -> compare -> sweep -> the commands.
 LAYERS = [
-    ["vaeexp.paths", "vaeexp.stop"],
+    ["vaeexp.paths", "vaeexp.process"],
     ["vaeexp.config"],
     ["vaeexp.validate", "vaeexp.data", "vaeexp.model", "vaeexp.optim", "vaeexp.cli"],
     ["vaeexp.jobs"],

@@ -5,24 +5,23 @@ from tests.conftest import TINY, make_cfg
 from vaeexp import checkpoint
 from vaeexp.config import settings
 from vaeexp.data import load_data
+from vaeexp.process import StopFlag
 from vaeexp.resumable import Checkpoints
 from vaeexp.step import Diverged
-from vaeexp.stop import StopFlag
-from vaeexp.trainer import train
+from vaeexp.trainer import WALL_CLOCK, Callback, train
 
 CPU = torch.device("cpu")
 
 
-class Recorder:
+class Recorder(Callback):
     def __init__(self):
         self.steps, self.epochs = [], []
 
-    def on_step(self, step, metrics):
+    def on_metrics(self, step, metrics):
         self.steps.append((step, metrics))
 
     def on_epoch_end(self, epoch, step, metrics, model):
-        timing = ("epoch_seconds", "images_per_second")  # wall clock: never reproducible
-        self.epochs.append((epoch, step, {k: v for k, v in metrics.items() if k not in timing}))
+        self.epochs.append((epoch, step, {k: v for k, v in metrics.items() if k not in WALL_CLOCK}))
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +35,16 @@ def _cfg(*extra):
 
 def test_same_seed_same_metrics_other_seed_not(data):
     a, b, c = Recorder(), Recorder(), Recorder()
-    train(_cfg("epochs=2"), data, CPU, hooks=[a])
-    train(_cfg("epochs=2"), data, CPU, hooks=[b])
-    train(_cfg("epochs=2", "seed=1"), data, CPU, hooks=[c])
+    train(_cfg("epochs=2"), data, CPU, callbacks=[a])
+    train(_cfg("epochs=2"), data, CPU, callbacks=[b])
+    train(_cfg("epochs=2", "seed=1"), data, CPU, callbacks=[c])
     assert a.steps == b.steps and a.epochs == b.epochs
     assert a.epochs[-1][2]["test/loss"] != c.epochs[-1][2]["test/loss"]
 
 
 def test_hook_cadence_and_epoch_metrics(data):
     rec = Recorder()
-    result = train(_cfg("epochs=2", "log_every_n_steps=3"), data, CPU, hooks=[rec])
+    result = train(_cfg("epochs=2", "log_every_n_steps=3"), data, CPU, callbacks=[rec])
     # 400 images / 50 = 8 steps an epoch: logs at 3, 6, the epoch's tail 8, then 9, 12, 15, 16
     assert [s for s, _ in rec.steps] == [3, 6, 8, 9, 12, 15, 16]
     assert [(e, s) for e, s, _ in rec.epochs] == [(1, 8), (2, 16)]
@@ -58,13 +57,15 @@ def test_hook_cadence_and_epoch_metrics(data):
 
 def test_resume_continues_exactly(data, tmp_path):
     straight = Recorder()
-    train(_cfg("epochs=3"), data, CPU, hooks=[straight])
+    train(_cfg("epochs=3"), data, CPU, callbacks=[straight])
 
     first, second = Recorder(), Recorder()
-    train(_cfg("epochs=1"), data, CPU, hooks=[first], checkpoints=Checkpoints(tmp_path / "c.pt"))
+    train(
+        _cfg("epochs=1"), data, CPU, callbacks=[first], checkpoints=Checkpoints(tmp_path / "c.pt")
+    )
     state = checkpoint.load(tmp_path / "c.pt")
     assert (state["epoch"], state["step"]) == (1, 8)
-    train(_cfg("epochs=3"), data, CPU, hooks=[second], checkpoints=Checkpoints(resume=state))
+    train(_cfg("epochs=3"), data, CPU, callbacks=[second], checkpoints=Checkpoints(resume=state))
     assert first.steps + second.steps == straight.steps
     assert first.epochs + second.epochs == straight.epochs
 
@@ -91,14 +92,14 @@ def test_kl_warmup_is_logged_and_resumes_mid_epoch_exactly(data, tmp_path):
     reached, and is no longer logged once it is constant."""
     warm = ("kl_weight=4", "kl_warmup_epochs=2", "log_every_n_steps=3")
     straight = Recorder()
-    train(_cfg("epochs=3", *warm), data, CPU, hooks=[straight])
+    train(_cfg("epochs=3", *warm), data, CPU, callbacks=[straight])
     assert [m.get("train/kl_weight") for _, _, m in straight.epochs] == [2.0, 4.0, None]
 
     stop = StopFlag()
 
     class StopAt(Recorder):  # a Ctrl-C at step 12: epoch 2 of 8-step epochs, mid-warm-up
-        def on_step(self, step, metrics):
-            super().on_step(step, metrics)
+        def on_metrics(self, step, metrics):
+            super().on_metrics(step, metrics)
             if step == 12:
                 stop.request("test")
 
@@ -109,13 +110,19 @@ def test_kl_warmup_is_logged_and_resumes_mid_epoch_exactly(data, tmp_path):
             _cfg("epochs=3", *warm),
             data,
             CPU,
-            hooks=[first],
+            callbacks=[first],
             checkpoints=Checkpoints(path),
             stop=stop,
         )
     state = checkpoint.load(path)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 12)
-    train(_cfg("epochs=3", *warm), data, CPU, hooks=[second], checkpoints=Checkpoints(resume=state))
+    train(
+        _cfg("epochs=3", *warm),
+        data,
+        CPU,
+        callbacks=[second],
+        checkpoints=Checkpoints(resume=state),
+    )
     assert first.steps + second.steps == straight.steps
     assert first.epochs + second.epochs == straight.epochs
 
@@ -158,7 +165,7 @@ def test_resume_takes_hyperparameters_from_the_config(data, tmp_path):
 
 _FLUSH_PROBE = """
 import sys, threading, torch
-from vaeexp.trainer import cpu_settings
+from vaeexp.process import cpu_settings
 cpu_settings(sys.argv[1] == "on", threads=2)
 x = torch.full((1 << 20,), 1e-39)  # subnormal; large enough for torch to use its OpenMP threads
 kept = lambda y: int((y.view(torch.int32) != 0).sum())  # bit patterns: immune to the mode itself

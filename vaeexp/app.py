@@ -6,11 +6,8 @@ exit; anything else is a bug and keeps its full traceback.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +18,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from vaeexp import process
 from vaeexp.config import register, settings
 from vaeexp.paths import CONF_DIR, earlier_sweeps, sweep_folder
-from vaeexp.stop import STOP
 from vaeexp.validate import ConfigError, explain, validate
 
 
@@ -49,8 +46,7 @@ def task(cfg: DictConfig) -> float:
     """Train one configuration; returns the final test loss, which sweepers minimise."""
     from vaeexp.step import Diverged
 
-    steady_memory()  # again here: joblib's and submitit's workers never run main()
-    quiet_mlflow()
+    process.prepare()  # a launcher's worker runs this task without main()
     try:
         return _train(cfg)
     except Diverged as e:
@@ -105,12 +101,13 @@ def _train(cfg: DictConfig) -> float:
     from vaeexp.tracking.links import run_summary
     from vaeexp.tracking.run import tracked_run
     from vaeexp.tracking.store import check_reachable, finished_run, unfinished_run_in
-    from vaeexp.trainer import cpu_settings, pick_device, train
+    from vaeexp.trainer import train
 
     typed = settings(cfg)
     hc = HydraConfig.get()
-    cpu_settings(typed.flush_denormal, job_threads(typed.threads, hc))
-    device = pick_device(typed.device.value)
+    launcher = hc.launcher if _multirun(hc) else None
+    process.cpu_settings(typed.flush_denormal, process.job_threads(typed.threads, launcher))
+    device = process.pick_device(typed.device.value)
     # Seconds, not minutes of retries, and before any work: credentials and write access too.
     check_reachable(typed.tracking.uri, typed.tracking.experiment)
     output_dir = Path(hc.runtime.output_dir)
@@ -152,10 +149,9 @@ def _train(cfg: DictConfig) -> float:
                 typed,
                 data,
                 device,
-                hooks=run.hooks,
-                film=film,
+                callbacks=[*run.callbacks, *([film] if film else [])],
                 checkpoints=Checkpoints(ckpt_path, resume, {"mlflow_run_id": run.run_id}),
-                stop=STOP,
+                stop=process.STOP,
             )
         final = iwae_metrics(result.model, data.test_x, typed.iwae.k, typed.iwae.images)
         run.finish(result, data.test_x, final, ckpt_path)
@@ -163,27 +159,6 @@ def _train(cfg: DictConfig) -> float:
         metrics = result.metrics | final
         print(run_summary(run.name, run.run_id, "finished", metrics, str(output_dir), run.opener()))
     return float(result.metrics["test/loss"])
-
-
-def job_threads(threads: int, hc: Any) -> int:
-    """torch threads for this job: `threads` if set; else, under a launcher that runs jobs side by
-    side, this job's share of the cores (threads x parallel jobs <= cores: oversubscribed,
-    torch's OpenMP threads spin against each other, bench/RESULTS.md "Sweeps"); else 0, torch's
-    default (one per core)."""
-    if threads:
-        return threads
-    launcher = hc.launcher if _multirun(hc) else {}
-    target = str(launcher.get("_target_", ""))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    if target.endswith("JoblibLauncher"):
-        import joblib
-
-        parallel = joblib.effective_n_jobs(int(launcher.get("n_jobs") or -1))
-        return max(1, cores // parallel)
-    if "submitit" in target:  # each job's own allocation; submitit_local starts all at once
-        return int(launcher.get("cpus_per_task") or 1)
-    return 0
 
 
 def _multirun(hc: Any) -> bool:
@@ -211,51 +186,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _on_signal(signum: int, frame: Any) -> None:
-    """First Ctrl-C/SIGTERM: finish the current step, then stop. A second one: stop now."""
-    name = signal.Signals(signum).name
-    if STOP.request(name):
-        print(f"vaeexp: {name}: stopping after this step (again to stop now)", file=sys.stderr)
-        return
-    raise KeyboardInterrupt(name)
-
-
 def _exit_with(e: BaseException) -> None:
     config_error = isinstance(e, ConfigError | HydraException | OmegaConfBaseException)
     print(f"vaeexp: error: {explain(e) if config_error else e}", file=sys.stderr)
     sys.exit(2 if config_error else 1)
 
 
-def steady_memory() -> None:
-    """Pin glibc's mmap threshold at 4 MiB. By default glibc raises it after large blocks are
-    freed, so later large tensors (the end-of-run IWAE pass) come from the heap and fragment it,
-    by a different amount in every run (bench/RESULTS.md, row 4). Pinned, tensors over 4 MiB
-    live in their own mappings, returned to the OS on free; training-step tensors are far
-    smaller. Pinning also freezes the trim threshold at 128 KiB, so every freed tensor of a few
-    MiB would go back to the OS and fault its pages in again on the next step: keep up to
-    32 MiB of free heap instead."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 32 << 20)  # -1: M_TRIM_THRESHOLD
-        libc.mallopt(-3, 4 << 20)  # -3: M_MMAP_THRESHOLD
-
-
-def quiet_mlflow() -> None:
-    """No progress bars or chatter of MLflow's own between our log lines, and none of its "View
-    run" lines against a server: their links open the UI's GenAI view, where our summaries' links
-    open the model-training one (a user's setting wins)."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # Its system-metrics monitor says at INFO that it starts, stops, and finds no GPU.
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-
-
 def main() -> None:
     """Console entry point. HYDRA_FULL_ERROR=1 or VAEEXP_TRACEBACK=1 show full tracebacks."""
-    steady_memory()
-    quiet_mlflow()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a scheduler's stop ends the run KILLED
-        signal.signal(sig, _on_signal)
+    process.prepare(signals=True)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         os.environ["VAEEXP_TRACEBACK"] = "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us, not Hydra's printer

@@ -1,9 +1,7 @@
 """Digit grids as uint8 arrays (torchvision's `make_grid`): reconstructions, samples, latent
-manifold, and the hook that draws them once an epoch."""
+manifold."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -47,31 +45,3 @@ def manifold(model: VAE, n: int = 20, device: torch.device | str = "cpu") -> np.
     z1, z2 = torch.meshgrid(q, q.flip(0), indexing="xy")
     z = torch.stack((z1.reshape(-1), z2.reshape(-1)), dim=1).to(device)
     return tile(model.decode(z), n, pad=0)
-
-
-class EpochImages:
-    """The trainer's hook that draws each epoch's reconstructions of fixed test digits, decoded
-    fixed prior draws and (latent_dim 2) the manifold, and hands them to `log_image`."""
-
-    def __init__(
-        self,
-        log_image: Callable[[np.ndarray, str, int], None],
-        test_x: torch.Tensor,
-        latent_dim: int,
-        device: torch.device,
-    ):
-        self.log_image, self.latent_dim = log_image, latent_dim
-        self.fixed_x = test_x[:50].to(device)  # the same digits every epoch
-        g = torch.Generator().manual_seed(0)
-        self.fixed_z = torch.randn(100, latent_dim, generator=g).to(device)
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
-        model.eval()
-        self.log_image(reconstructions(model, self.fixed_x), "reconstructions", epoch)
-        self.log_image(samples(model, self.fixed_z), "samples", epoch)
-        if self.latent_dim == 2:
-            self.log_image(manifold(model, device=self.fixed_x.device), "manifold", epoch)
-        model.train()

@@ -14,7 +14,7 @@ from vaeexp import checkpoint, cli
 from vaeexp.config import Config, register
 from vaeexp.data import DataUnavailable, fallback_config, load_data
 from vaeexp.likelihood import iwae_nll
-from vaeexp.trainer import cpu_settings
+from vaeexp.process import cpu_settings
 
 PROG = "vaeexp.iwae"
 

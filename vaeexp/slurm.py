@@ -27,7 +27,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
-from vaeexp.stop import REQUEUED, STOP
+from vaeexp.process import REQUEUED, STOP
 from vaeexp.validate import ConfigError
 
 log = logging.getLogger(__name__)

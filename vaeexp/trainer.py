@@ -14,35 +14,57 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from vaeexp.config import Binarize, Config
 from vaeexp.data import Dataset
 from vaeexp.model import VAE
+from vaeexp.process import StopFlag, seconds_since_start
 from vaeexp.resumable import Checkpoints, Position, restore_state, save, training_state
 from vaeexp.step import StepSettings, check_finite, held_out_losses, setup, train_step
-from vaeexp.stop import StopFlag
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
 
 log = logging.getLogger(__name__)
+# Metrics of the machine, not of what is trained: never the same twice.
+WALL_CLOCK = ("epoch_seconds", "images_per_second", "startup_seconds")
 
 
-class Film(Protocol):
-    """The latent film (vaeexp.film): copies what it needs at a frame's step and returns."""
+class Callback:
+    """Everything the training loop calls out to (the metric logger, the epoch images, the film),
+    in the manner of Lightning's `Callback`: each method is a no-op until a subclass overrides it,
+    so the loop knows nothing about MLflow or the film."""
 
-    def due(self, step: int) -> bool: ...
-    def capture(
+    def on_train_start(self, step: int, model: VAE) -> None:
+        """Once, before the first step this process trains: step 0 in a fresh run, the
+        checkpoint's step in a resumed one."""
+
+    def on_step(
         self, step: int, epoch: int, model: VAE, recon: torch.Tensor, kl: torch.Tensor
-    ) -> None: ...
-    def on_epoch_end(self, epoch: int, step: int, model: VAE) -> None: ...
+    ) -> None:
+        """After optimiser step `step` (counted from 1) of epoch `epoch` (counted from 1).
+        `recon` and `kl` are the batch's per-image terms before the step: read them, detach
+        what is kept."""
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """A step-metric point: "loss", "recon" and "kl", the means since the last point."""
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
+        """After epoch `epoch`'s test-set losses, before its checkpoint."""
 
 
-class Hooks(Protocol):
-    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def on_epoch_end(
-        self, epoch: int, step: int, metrics: dict[str, float], model: VAE
-    ) -> None: ...
+class Logger(Protocol):
+    """Where callbacks log: MLflow in a run (vaeexp.tracking.logger.MlflowLogger), anything alike
+    in a test."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, image: np.ndarray | Image.Image, key: str, step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
 
 @dataclass
@@ -53,32 +75,12 @@ class Result:
     metrics: dict[str, float]  # the last epoch's train/* and test/* values
 
 
-def cpu_settings(flush_denormal: bool, threads: int = 0) -> None:
-    """Call before torch's first op: its OpenMP threads, and the film's worker, copy this
-    thread's floating-point mode when they start. Subnormal floats (saturated pixels make them
-    late in training) each cost the CPU a microcode assist (bench/RESULTS.md, row 5)."""
-    torch.set_flush_denormal(flush_denormal)  # returns False where unsupported: nothing to do
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def train(
     cfg: Config,
     data: Dataset,
     device: torch.device,
     *,
-    hooks: Sequence[Hooks] = (),
-    film: Film | None = None,
+    callbacks: Sequence[Callback] = (),
     checkpoints: Checkpoints | None = None,
     stop: StopFlag | None = None,
 ) -> Result:
@@ -94,11 +96,13 @@ def train(
     n, steps_per_epoch = len(train_x), data.steps_per_epoch(cfg.batch_size)
     settings = StepSettings.from_config(cfg, device.type == "cpu", steps_per_epoch)
     model.train()
-    first_step = pos.step + 1
-    if film is not None and pos.step == 0:
-        film.capture(0, 0, model, None, None)  # the untrained latent space
+    startup: dict[str, float] = {}
+    for callback in callbacks:
+        callback.on_train_start(pos.step, model)
     total = cfg.epochs * steps_per_epoch
+    first_step = pos.step + 1
     with stop.armed(), _progress_bar(cfg.progress, total, pos.step) as bar:
+        log.info("training %d steps, from step %d", total - pos.step, first_step)
         while pos.epoch < cfg.epochs:
             started = time.perf_counter()
             order = torch.Generator().manual_seed(cfg.seed * 100_003 + pos.epoch)  # stateless
@@ -110,31 +114,30 @@ def train(
                 pos.step += 1
                 pos.batch += 1
                 if pos.step == first_step:
-                    log.info("first step done")  # bench/ times start-up by this line
-                if film is not None and film.due(pos.step):
-                    film.capture(pos.step, pos.epoch + 1, model, recon.detach(), kl.detach())
+                    startup = {"startup_seconds": seconds_since_start()}  # to a trained step
+                for callback in callbacks:
+                    callback.on_step(pos.step, pos.epoch + 1, model, recon, kl)
                 pos.window += torch.stack((recon.sum(), kl.sum())).detach()
                 pos.window_images += len(idx)
                 bar.update()
                 if pos.step % cfg.log_every_n_steps == 0:
-                    _flush_window(pos, hooks, bar)
+                    _flush_window(pos, callbacks, bar)
                 if stop.requested:
                     # mid-epoch: a resumed run continues with the next batch
                     save(checkpoints, training_state(cfg, model, optimizer, pos, metrics, device))
                     stop.check()
             if pos.window_images:
-                _flush_window(pos, hooks, bar)  # the epoch's tail
+                _flush_window(pos, callbacks, bar)  # the epoch's tail
             pos.epoch, pos.batch = pos.epoch + 1, 0
-            metrics = end_of_epoch(cfg, model, pos, n, test_x, started)
+            metrics = end_of_epoch(cfg, model, pos, n, test_x, started) | startup
+            startup = {}
             if pos.epoch <= cfg.kl_warmup_epochs:  # while it changes: the weight reached
                 metrics["train/kl_weight"] = settings.kl_weight_at(pos.step + 1)
             # Metrics out before the checkpoint: after a hard kill in between, the resumed run
-            # retrains this epoch and its hooks skip what was already delivered. The other way
+            # retrains this epoch and its callbacks skip what was already delivered. The other way
             # round, the epoch's metrics would be lost.
-            for hook in hooks:
-                hook.on_epoch_end(pos.epoch, pos.step, metrics, model)
-            if film is not None:
-                film.on_epoch_end(pos.epoch, pos.step, model)
+            for callback in callbacks:
+                callback.on_epoch_end(pos.epoch, pos.step, metrics, model)
             save(checkpoints, training_state(cfg, model, optimizer, pos, metrics, device))
             stop.check()
     return Result(model=model, epoch=pos.epoch, step=pos.step, metrics=metrics)
@@ -165,15 +168,15 @@ def _progress_bar(enabled: bool, total: int, initial: int) -> Iterator[Any]:
         yield bar
 
 
-def _flush_window(pos: Position, hooks: Sequence[Hooks], bar: Any) -> None:
+def _flush_window(pos: Position, callbacks: Sequence[Callback], bar: Any) -> None:
     """One step-metric point: the mean (recon, kl) since the last one."""
     pos.epoch_sums += pos.window  # windows never straddle an epoch: its tail is flushed
     recon, kl = (pos.window / pos.window_images).tolist()
     pos.window.zero_()
     pos.window_images = 0
     check_finite(pos.step, recon, kl)
-    for hook in hooks:
-        hook.on_step(pos.step, {"loss": recon + kl, "recon": recon, "kl": kl})
+    for callback in callbacks:
+        callback.on_metrics(pos.step, {"loss": recon + kl, "recon": recon, "kl": kl})
     bar.set_postfix(loss=f"{recon + kl:.2f}", refresh=False)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from vaeexp.film.render import (
     jitter_for,
     title_strip,
 )
+from vaeexp.trainer import Logger
 
 # The film's last frame as a plain PNG under a name vaeexp owns: the comparison report reads it
 # from here, not from MLflow's internal names for the `latent` image slider's files.
@@ -37,12 +38,6 @@ FILM_ARTIFACT = f"{FILM_FOLDER}/latent.gif"
 ARTIFACTS = ("latent.gif", "latent.mp4", "decoder.gif", "frames.npz", FINAL_FRAME)
 
 
-class Sink(Protocol):
-    """Where the film goes: MLflow in a run (tracking.MlflowHooks), anything alike in tests."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_image(self, image: Any, key: str, step: int) -> None: ...
-    def log_artifact(self, path: Path, artifact_path: str) -> None: ...
 
 
 class FilmOutputs:
@@ -52,7 +47,7 @@ class FilmOutputs:
     def __init__(
         self,
         cfg: Config,
-        sink: Sink,
+        sink: Logger,
         folder: Path,
         labels: np.ndarray,
         class_names: Sequence[str],

@@ -25,25 +25,26 @@ from vaeexp.config import Config, FilmPrecision
 from vaeexp.data import Dataset
 from vaeexp.film.capture import FilmedImages, film_points, to_host
 from vaeexp.film.frames import FrameStore
-from vaeexp.film.outputs import FilmOutputs, Sink
+from vaeexp.film.outputs import FilmOutputs
 from vaeexp.film.schedule import Schedule
 from vaeexp.film.worker import FilmError, FilmWorker
 from vaeexp.model import VAE
+from vaeexp.trainer import Callback, Logger
 
-__all__ = ["FilmError", "FilmRecorder", "Sink", "film_points", "filming"]
+__all__ = ["FilmError", "FilmRecorder", "film_points", "filming"]
 
 log = logging.getLogger(__name__)
 
 
-class FilmRecorder:
-    """The film as the training loop sees it (trainer.Film): `due`, `capture`, `on_epoch_end`,
-    then `finish` once training ends."""
+class FilmRecorder(Callback):
+    """The film as the training loop sees it: a callback that captures a frame at each step the
+    schedule names (and the untrained model at step 0), then `finish` once training ends."""
 
     def __init__(
         self,
         cfg: Config,
         data: Dataset,
-        sink: Sink,
+        sink: Logger,
         folder: Path,
         device: torch.device,
     ) -> None:
@@ -72,9 +73,15 @@ class FilmRecorder:
 
     # ---- the training thread ----------------------------------------------------------------
 
-    def due(self, step: int) -> bool:
-        """Whether this step gets a frame (the schedule: dense early, sparse later)."""
-        return self.schedule.due(step)
+    def on_train_start(self, step: int, model: VAE) -> None:
+        if step == 0:
+            self.capture(0, 0, model)  # the untrained latent space
+
+    def on_step(
+        self, step: int, epoch: int, model: VAE, recon: torch.Tensor, kl: torch.Tensor
+    ) -> None:
+        if self.schedule.due(step):  # dense early, sparse later
+            self.capture(step, epoch, model, recon.detach(), kl.detach())
 
     def capture(
         self,
@@ -97,10 +104,13 @@ class FilmRecorder:
         )
         self.timings["capture"] += time.perf_counter() - started  # on a GPU: queued, not done
         self.worker.put(("latent", step, epoch, to_host(terms.float()), means))
-        if step == 0 and self.decoder_film:
-            self.on_epoch_end(0, 0, model)
+        if step == 0:
+            self._decoder_frame(0, 0, model)
 
-    def on_epoch_end(self, epoch: int, step: int, model: VAE) -> None:
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
+        self._decoder_frame(epoch, step, model)
+
+    def _decoder_frame(self, epoch: int, step: int, model: VAE) -> None:
         """The decoder film's frame, once an epoch (and before training)."""
         if self.decoder_film and not self.worker.stopped:
             grid = self.images.decoded_grid(model)
@@ -167,7 +177,7 @@ class FilmRecorder:
 
 @contextmanager
 def filming(
-    cfg: Config, data: Dataset, sink: Sink, folder: Path, device: torch.device
+    cfg: Config, data: Dataset, sink: Logger, folder: Path, device: torch.device
 ) -> Iterator[FilmRecorder | None]:
     """The run's film, finished whatever happens: a stopped run keeps what was filmed."""
     if not cfg.film.enabled:

@@ -22,7 +22,8 @@ import torch
 
 from vaeexp.film import diagnostics
 from vaeexp.film.frames import FrameStore
-from vaeexp.film.outputs import FilmOutputs, Sink
+from vaeexp.film.outputs import FilmOutputs
+from vaeexp.trainer import Logger
 
 # The film's records keep the one logger name they have always had: the recorder's.
 log = logging.getLogger("vaeexp.film.recorder")
@@ -43,7 +44,7 @@ class FilmWorker:
 
     def __init__(
         self,
-        sink: Sink,
+        sink: Logger,
         store: FrameStore,
         outputs: FilmOutputs,
         labels: np.ndarray,

@@ -1,4 +1,4 @@
-"""The trainer's logger: it only logs, by run id, through the outbox.
+"""The trainer's logger (it only logs, by run id, through the outbox), and the epoch images.
 
 Every MLflow call costs milliseconds against a SQLite store, more than a training step, so step
 metrics are buffered and sent with `log_batch` at the end of each epoch (or every
@@ -9,22 +9,27 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from mlflow.entities import Metric
 from PIL import Image
 
+from vaeexp import images
 from vaeexp.model import VAE
 from vaeexp.tracking.outbox import Outbox
+from vaeexp.trainer import Callback
 
 FLUSH_SECONDS = 15.0
 
 
-class MlflowLogger:
-    """The trainer's metric hook and the film's sink. After a hard kill, a resumed run retrains
-    steps it may already have logged: a metric point or a step-wise image at or before the last
-    step MLflow has of its key (`delivered`, `delivered_images`) is not sent twice."""
+class MlflowLogger(Callback):
+    """The trainer's metric logger, and the `Logger` the film and the epoch images log to.
+    After a hard kill, a resumed run retrains steps it may already have logged: a metric point
+    or a step-wise image at or before the last step MLflow has of its key (`delivered`,
+    `delivered_images`) is not sent twice."""
 
     def __init__(
         self,
@@ -38,7 +43,7 @@ class MlflowLogger:
         self.delivered, self.delivered_images = delivered or {}, delivered_images or {}
         self.last_flush = time.monotonic()
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._add({f"train/{k}_step": v for k, v in metrics.items()}, step)
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
@@ -73,3 +78,28 @@ class MlflowLogger:
         ]
         with self.lock:
             self.pending += points
+
+
+class EpochImages(Callback):
+    """Each epoch's reconstructions of fixed test digits, decoded fixed prior draws and
+    (latent_dim 2) the manifold, handed to `log_image`."""
+
+    def __init__(
+        self,
+        log_image: Callable[[np.ndarray, str, int], None],
+        test_x: torch.Tensor,
+        latent_dim: int,
+        device: torch.device,
+    ):
+        self.log_image, self.latent_dim = log_image, latent_dim
+        self.fixed_x = test_x[:50].to(device)  # the same digits every epoch
+        g = torch.Generator().manual_seed(0)
+        self.fixed_z = torch.randn(100, latent_dim, generator=g).to(device)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
+        model.eval()
+        self.log_image(images.reconstructions(model, self.fixed_x), "reconstructions", epoch)
+        self.log_image(images.samples(model, self.fixed_z), "samples", epoch)
+        if self.latent_dim == 2:
+            self.log_image(images.manifold(model, device=self.fixed_x.device), "manifold", epoch)
+        model.train()

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import torch
@@ -18,18 +17,17 @@ from mlflow.tracking import MlflowClient
 
 from vaeexp.config import Config, TrackingConfig
 from vaeexp.data import Dataset
-from vaeexp.images import EpochImages
 from vaeexp.paths import sweep_folder
+from vaeexp.process import REQUEUED
 from vaeexp.step import Diverged
-from vaeexp.stop import REQUEUED
 from vaeexp.tracking import record
 from vaeexp.tracking.export import log_models
 from vaeexp.tracking.links import how_to_open
-from vaeexp.tracking.logger import MlflowLogger
+from vaeexp.tracking.logger import EpochImages, MlflowLogger
 from vaeexp.tracking.naming import run_name
 from vaeexp.tracking.outbox import DeliveryIncomplete, Outbox
 from vaeexp.tracking.store import experiment_for, image_steps, latest_metrics, run_exists
-from vaeexp.trainer import Result
+from vaeexp.trainer import Callback, Result
 
 log = logging.getLogger(__name__)
 FAILURE_TAGS = {"failure_reason", "diverged"}  # a failed run's, until it is resumed
@@ -40,10 +38,10 @@ class TrackedRun:
     run_id: str
     name: str
     experiment_id: str
-    logger: MlflowLogger  # the film's sink
+    logger: MlflowLogger  # what the film logs to
     outbox: Outbox
     log_model: bool
-    hooks: list[Any] = field(default_factory=list)  # the trainer's: the logger, epoch images
+    callbacks: list[Callback] = field(default_factory=list)  # the logger, the epoch images
 
     def opener(self) -> str:
         """How to open this run in the MLflow UI."""
@@ -131,7 +129,9 @@ def tracked_run(
             [logger],
         )
         if tracking.log_images:
-            tracked.hooks.append(EpochImages(logger.log_image, data.test_x, cfg.latent_dim, device))
+            tracked.callbacks.append(
+                EpochImages(logger.log_image, data.test_x, cfg.latent_dim, device)
+            )
         yield tracked
         for logfile in output_dir.glob("*.log"):
             outbox.artifact_out(logfile)
