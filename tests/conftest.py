@@ -259,7 +259,7 @@ def mlflow_server(
 
 
 def basic_auth(root: Path, admin_password: str, users: str | None = None) -> dict[str, str]:
-    """The README's team server ("Running on a cluster", step 1): its auth.ini, word for word
+    """The team server of docs/cluster.md (step 1): its auth.ini, word for word
     but for the admin's password and the users' database (SQLite in `root` unless `users` names
     one), and a session key: the environment `mlflow server --app-name basic-auth` needs."""
     import configparser
@@ -269,8 +269,8 @@ def basic_auth(root: Path, admin_password: str, users: str | None = None) -> dic
 
     from vaeexp.paths import PROJECT_ROOT
 
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    [block] = re.findall(r"```ini\n(.*?)```", readme, re.S)
+    page = (PROJECT_ROOT / "docs" / "cluster.md").read_text()
+    [block] = re.findall(r"```ini\n(.*?)```", page, re.S)
     ini = configparser.ConfigParser()
     ini.read_string(textwrap.dedent(block))
     ini["mlflow"]["database_uri"] = users or f"sqlite:///{root / 'basic_auth.db'}"
