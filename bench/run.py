@@ -12,12 +12,10 @@ not comparable between runs. Needs the full Fashion-MNIST from the Debian packag
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -144,14 +142,15 @@ def vaeexp_train(data, store: str, *overrides: str) -> tuple[float, dict]:
 
 
 def startup(runs: Path) -> tuple[float, float]:
-    """(seconds to the first training step, wall seconds) of a 1-epoch run on the bundled digits."""
+    """(seconds from process start to the first training step, wall seconds) of a 1-epoch run
+    on the bundled digits."""
     env = {
         **os.environ,
         "VAEEXP_RUNS": str(runs),
         "MLFLOW_TRACKING_URI": f"sqlite:///{runs / 'mlflow.db'}",
     }
     start = time.time()
-    proc = subprocess.run(
+    subprocess.run(
         [sys.executable, "-m", "vaeexp", "epochs=1", "data=mnist_bundled", "progress=false"],
         env=env,
         capture_output=True,
@@ -159,11 +158,10 @@ def startup(runs: Path) -> tuple[float, float]:
         check=True,
     )
     wall = time.time() - start
-    stamp = re.search(
-        r"\[([\d-]+ [\d:]+,\d+)\]\[vaeexp.trainer\]\[INFO\] - first step done",
-        proc.stdout + proc.stderr,
-    ).group(1)
-    first = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp() - start
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("vaeexp").experiment_id
+    run = client.search_runs([experiment], order_by=["attributes.start_time DESC"])[0]
+    first = run.data.metrics["startup_seconds"]  # from the process's start, as a user waits
     return first, wall
 
 

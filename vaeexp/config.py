@@ -156,7 +156,7 @@ class Config:
     lr: float = 1e-3
     rho: float = 0.9  # RMSprop decay
     eps: float = 1e-7  # added inside the square root, as Keras does
-    # The loss the optimiser minimises; eps makes RMSprop scale-dependent (README, bench/).
+    # The loss the optimiser minimises; eps makes RMSprop scale-dependent (optim.py).
     objective_scale: ObjectiveScale = ObjectiveScale.per_pixel
     # beta: the KL term's weight in the optimised objective (beta-VAE); 1 optimises the ELBO.
     # Metrics stay the unweighted terms, so runs of different weights compare.
