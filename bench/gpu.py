@@ -39,13 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a copy of the repository, without installing vaeexp
 
 from vaeexp import checkpoint  # noqa: E402
+from vaeexp.checkpoint import Checkpoints  # noqa: E402
 from vaeexp.config import Config, FilmPrecision, register, settings  # noqa: E402
 from vaeexp.data import Dataset  # noqa: E402
 from vaeexp.film.capture import FilmedImages, to_host  # noqa: E402
 from vaeexp.likelihood import iwae_metrics  # noqa: E402
 from vaeexp.model import VAE  # noqa: E402
 from vaeexp.process import cpu_settings, pick_device  # noqa: E402
-from vaeexp.resumable import Checkpoints  # noqa: E402
 from vaeexp.step import held_out_losses, setup  # noqa: E402
 from vaeexp.trainer import Callback, train  # noqa: E402
 

@@ -25,11 +25,11 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from vaeexp.checkpoint import Checkpoints
 from vaeexp.config import register, settings
 from vaeexp.data import load_data
 from vaeexp.paths import CONF_DIR
 from vaeexp.process import cpu_settings, steady_memory
-from vaeexp.resumable import Checkpoints
 from vaeexp.tracking.run import tracked_run
 from vaeexp.trainer import train
 

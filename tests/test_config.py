@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_cfg, run_cli
-from vaeexp.config import Binarize, Optimizer, job_identity, plain, resume_identity, settings
-from vaeexp.tracking.naming import run_name
+from vaeexp.config import Binarize, Optimizer, identity, plain, run_name, settings
 
 
 @pytest.mark.parametrize(
@@ -157,6 +156,7 @@ def test_kl_settings_are_part_of_what_a_run_trains(override):
     """Another KL weight or warm-up is another run: `resume=auto` and a resumed sweep never
     continue one with the other, and its name says it."""
     default, other = (plain(settings(make_cfg(*o))) for o in ([], [override]))
-    assert resume_identity(other) != resume_identity(default)
-    assert job_identity(other) != job_identity(default)
+    assert identity(other, epochs=False) != identity(default, epochs=False)
+    assert identity(other) != identity(default)
+    assert identity([override, "tracking.uri=x"]) == [tuple(override.split("="))]
     assert run_name(["epochs=5", override]) == f"epochs=5,{override}"

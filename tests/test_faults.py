@@ -229,9 +229,9 @@ def _on_disk(size: int) -> int:
 def _checkpoint_size(folder: Path, *overrides: str) -> int:
     """The size of the checkpoint the trainer writes with these settings, on this machine:
     measured after one training step."""
+    from vaeexp.checkpoint import Checkpoints
     from vaeexp.config import settings
     from vaeexp.data import load_data
-    from vaeexp.resumable import Checkpoints
     from vaeexp.trainer import train
 
     cfg = settings(make_cfg(*overrides, "epochs=1", "data.train_limit=10", "batch_size=10"))

@@ -1,4 +1,4 @@
-"""Where a resumed run continues from (vaeexp.resume): checkpoints written in-process under a
+"""Where a resumed run continues from (vaeexp.checkpoint): checkpoints written in-process under a
 runs/ folder of the test's own, and run ids in a real SQLite MLflow store."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, make_cfg
 from vaeexp import checkpoint
+from vaeexp.checkpoint import latest_matching, resolve
 from vaeexp.config import Config, plain, settings
-from vaeexp.resume import latest_matching, resolve
 
 
 def cfg(*overrides: str) -> Config:
@@ -76,9 +76,9 @@ def test_auto_skips_a_corrupt_checkpoint_with_a_warning(runs, caplog):
     corrupt = saved(runs, "outputs/2024-01-02/10-00-00", cfg(), 2000)
     corrupt.write_bytes(corrupt.read_bytes()[:100])  # truncated
     os.utime(corrupt, (2000, 2000))
-    with caplog.at_level(logging.WARNING, logger="vaeexp.resume"):
+    with caplog.at_level(logging.WARNING, logger="vaeexp.checkpoint"):
         assert resolve("auto", cfg(), runs) == good
-    [warning] = [r for r in caplog.records if r.name == "vaeexp.resume"]
+    [warning] = [r for r in caplog.records if r.name == "vaeexp.checkpoint"]
     assert warning.levelno == logging.WARNING
     assert warning.getMessage().startswith(f"resume=auto: skipping {corrupt}: not a readable")
 

@@ -3,10 +3,10 @@ import torch
 
 from tests.conftest import TINY, make_cfg
 from vaeexp import checkpoint
+from vaeexp.checkpoint import Checkpoints
 from vaeexp.config import settings
 from vaeexp.data import load_data
 from vaeexp.process import StopFlag
-from vaeexp.resumable import Checkpoints
 from vaeexp.step import Diverged
 from vaeexp.trainer import WALL_CLOCK, Callback, train
 

@@ -1,22 +1,44 @@
-"""Checkpoints that are either complete or absent, and that load without running pickled code."""
+"""Checkpoints: the one dict a run writes to continue exactly, where it is written and read, and
+which one `resume=` continues.
+
+A checkpoint is either complete or absent (written to a temp file, fsynced, renamed) and loads
+without running pickled code (`weights_only`). `training_state` writes it and `restore_state`
+reads it: where training stands (mid-epoch included), weights, optimizer statistics, RNG and the
+config it trained.
+
+`resume=auto` picks the newest checkpoint under the project's runs/ that trains what this config
+trains (`config.identity`, less `epochs`), so re-launching the same command continues where it
+stopped. A sweep's job looks only in its own folder and in the sweeps its sweep continues
+(vaeexp.sweep): its runs belong to that sweep's parent, and another sweep's run of the same
+settings does not.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
+from vaeexp.config import RUN_ID, Config, identity, plain
 from vaeexp.model import VAE
+
+log = logging.getLogger(__name__)
 
 FORMAT = "vaeexp.checkpoint"
 VERSION = 1
 FILENAME = "checkpoint.pt"
 CONFIG_SUFFIX = ".json"  # checkpoint.json beside checkpoint.pt: its config, for resume=auto
+ARCHITECTURE = ("latent_dim", "intermediate_dim")
 
 
 class CheckpointError(RuntimeError):
@@ -101,10 +123,174 @@ def load(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path) -> tuple[VAE, dict[str, Any]]:
     """The trained model a checkpoint holds (eval mode, on the CPU) and the config it trained."""
     state = load(path)
-    config = state.get("config", {})
     try:
+        config = state["config"]
         model = VAE(config["latent_dim"], config["intermediate_dim"])
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its model cannot be rebuilt ({e})") from None
     return model.eval(), config
+
+
+@dataclass
+class Position:
+    """Where training stands: all a checkpoint needs, beyond weights and RNG, to continue exactly
+    (mid-epoch included), with the same metric points an uninterrupted run would log."""
+
+    epoch: int  # completed epochs
+    batch: int  # batches done in the current epoch
+    step: int
+    epoch_sums: torch.Tensor  # (recon, kl) summed over this epoch's flushed windows so far
+    window: torch.Tensor  # (recon, kl) summed since the last step-metric point
+    window_images: int
+
+    @classmethod
+    def start(cls, device: torch.device) -> Position:
+        return cls(0, 0, 0, torch.zeros(2, device=device), torch.zeros(2, device=device), 0)
+
+
+@dataclass
+class Checkpoints:
+    """Where the loop saves its state, the state it continues from, and what rides along."""
+
+    path: Path | None = None
+    resume: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the MLflow run id
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is not None:
+            save(self.path, state | self.extra)
+
+
+def training_state(cfg: Config, model, optimizer, pos: Position, metrics, device) -> dict:
+    """Everything a checkpoint holds to continue exactly: weights, optimizer, RNG, position."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {
+        "epoch": pos.epoch,
+        "batch": pos.batch,
+        "step": pos.step,
+        "epoch_sums": pos.epoch_sums.cpu(),
+        "window": pos.window.cpu(),
+        "window_images": pos.window_images,
+        "metrics": metrics,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+        "config": plain(cfg),
+    }
+
+
+def restore_state(state, cfg: Config, model, optimizer, device) -> tuple[Position, dict]:
+    """Load a checkpoint into `model` and `optimizer`; the config's lr, rho, eps win."""
+    saved = state["config"]
+    for key in ARCHITECTURE:
+        if saved[key] != getattr(cfg, key):
+            raise CheckpointError(
+                f"resume: the checkpoint has {key}={saved[key]}, the config says "
+                f"{getattr(cfg, key)}"
+            )
+    model.load_state_dict(state["model"])
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, hyper in zip(optimizer.param_groups, configured, strict=True):
+        group.update(hyper)  # the checkpoint gives the statistics
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    pos = Position(
+        epoch=state["epoch"],
+        batch=state["batch"],
+        step=state["step"],
+        epoch_sums=state["epoch_sums"].to(device),
+        window=state["window"].to(device),
+        window_images=state["window_images"],
+    )
+    log.info("resumed at epoch %d, batch %d (step %d)", pos.epoch + 1, pos.batch, pos.step)
+    return pos, dict(state["metrics"])
+
+
+def resolve(
+    spec: str,
+    cfg: Config,
+    runs_dir: Path,
+    output_dir: Path | None = None,
+    sweeps: list[Path] | None = None,
+) -> Path | None:
+    """The checkpoint file to resume from; None for `auto` with nothing to continue. `auto`
+    looks first in this job's own folder (a re-launched `hydra.run.dir=X`, a requeued job), then
+    in `sweeps` (the earlier folders of a resumed sweep) if this is a sweep's job, else under
+    runs/."""
+    if spec == "auto":
+        # A sweep may vary `epochs`, and each of its jobs continues its own run; elsewhere a
+        # longer run of the same settings continues a shorter one.
+        epochs = sweeps is not None
+        wanted = identity(plain(cfg), epochs=epochs)
+        own = output_dir / FILENAME if output_dir else None
+        if own is not None and own.is_file() and _matches(own, wanted, epochs):
+            return own
+        if sweeps is not None:
+            found = (p for folder in sweeps for p in folder.glob(f"*/{FILENAME}"))
+            return _newest_match(found, wanted, epochs)
+        return latest_matching(cfg, runs_dir)
+    if RUN_ID.fullmatch(spec) and not Path(spec).exists():
+        return _from_run_id(spec, cfg.tracking.uri)
+    return locate(spec)
+
+
+def latest_matching(cfg: Config, runs_dir: Path) -> Path | None:
+    """The newest checkpoint under runs/ that trains what `cfg` trains. Each is compared through
+    the small config file beside it; only a match is loaded (to check it is whole)."""
+    return _newest_match(
+        (p for sub in ("outputs", "multirun") for p in (runs_dir / sub).glob(f"**/{FILENAME}")),
+        identity(plain(cfg), epochs=False),
+        epochs=False,
+    )
+
+
+def job_folders(cfg: Config, output_dir: Path, sweeps: list[Path]) -> list[Path]:
+    """This job's own folder and the folders of the same job in the sweeps it continues, found
+    by the config Hydra saved there: where a run stopped before its first checkpoint lived."""
+    wanted = identity(plain(cfg))
+    same = []
+    for folder in sweeps:
+        for saved in folder.glob("*/.hydra/config.yaml"):
+            with contextlib.suppress(Exception):  # a folder of a job that never composed
+                if identity(OmegaConf.to_container(OmegaConf.load(saved))) == wanted:
+                    same.append(saved.parent.parent)
+    return [output_dir, *same]
+
+
+def _newest_match(paths: Iterable[Path], wanted: dict, epochs: bool) -> Path | None:
+    candidates = sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((path for path in candidates if _matches(path, wanted, epochs)), None)
+
+
+def _matches(path: Path, wanted: dict, epochs: bool) -> bool:
+    saved = saved_config(path)
+    if saved is not None and identity(saved, epochs=epochs) != wanted:
+        return False
+    try:
+        state = load(path)
+    except CheckpointError as e:
+        log.warning("resume=auto: skipping %s", e)
+        return False
+    return "config" in state and identity(state["config"], epochs=epochs) == wanted
+
+
+def _from_run_id(run_id: str, uri: str) -> Path:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise CheckpointError(f"resume={run_id}: no such MLflow run in {uri}") from None
+        reason = str(e).splitlines()[0][:200]
+        raise CheckpointError(f"resume={run_id}: cannot ask {uri} for the run ({reason})") from None
+    folder = run.data.tags.get("output_dir")
+    if not folder:
+        raise CheckpointError(f"resume={run_id}: the run has no output_dir tag")
+    return locate(folder)

@@ -10,9 +10,10 @@ point reads a typed `Config` (`settings`), not a DictConfig.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, overload
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -21,8 +22,7 @@ from vaeexp.paths import default_data_root, default_tracking_uri, parent_run_id,
 from vaeexp.paths import sweep_folder as _sweep_folder
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
-# Settings that say where or how a job runs, not what it trains: left out of run names, the
-# comparison report's columns, and the identity `resume=auto` matches on.
+# Settings that say where or how a job runs, not what it trains: left out of a run's identity.
 WHERE_OR_HOW = (
     "hydra",
     "tracking",
@@ -36,8 +36,6 @@ WHERE_OR_HOW = (
     "device",
     "dry_run",
 )
-# How long to train is not what is trained either, but a run's name and report say it.
-NOT_RESUME_IDENTITY = (*WHERE_OR_HOW, "epochs")
 
 
 class Optimizer(Enum):
@@ -209,20 +207,29 @@ def plain(cfg: Config) -> dict[str, Any]:
     return asdict(cfg, dict_factory=lambda items: {k: getattr(v, "value", v) for k, v in items})
 
 
-def is_where_or_how(key: str) -> bool:
-    """True for a dotted key (`tracking.uri`, `threads`) that does not change what is trained."""
-    return any(key == k or key.startswith(f"{k}.") for k in WHERE_OR_HOW)
+@overload
+def identity(of: dict[str, Any], *, epochs: bool = True) -> dict[str, Any]: ...
+@overload
+def identity(of: Sequence[str], *, epochs: bool = True) -> list[tuple[str, str]]: ...
+def identity(of, *, epochs=True):
+    """What a run trains, the one test of "the same run": a config (as `plain` gives it) less
+    the settings of where or how it runs (WHERE_OR_HOW), or, of a list of `key=value`
+    overrides, the `(key, value)` pairs that change what is trained, in order. It names runs,
+    matches a checkpoint to continue and a sweep to resume, and gives the report its columns.
+
+    `epochs=False` leaves out how long to train: `resume=auto` continues a shorter run of the
+    same settings. A sweep's jobs keep it, since a sweep may vary it and each job continues its
+    own run."""
+    left_out = WHERE_OR_HOW if epochs else (*WHERE_OR_HOW, "epochs")
+    if isinstance(of, dict):
+        return _without(of, left_out)
+    pairs = [o.lstrip("+~").split("=", 1) for o in of if "=" in o]
+    return [(k, v) for k, v in pairs if not any(k == x or k.startswith(f"{x}.") for x in left_out)]
 
 
-def resume_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must share with this config for `resume=auto` to continue it."""
-    return _without(config, NOT_RESUME_IDENTITY)
-
-
-def job_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two jobs of a sweep the same job: `epochs` included, since a sweep may vary it
-    and each of its jobs must continue its own run."""
-    return _without(config, WHERE_OR_HOW)
+def run_name(overrides: Sequence[str], sep: str = ",") -> str:
+    """A run's name: the overrides that change what it trains (`latent_dim=8,epochs=10`)."""
+    return sep.join(f"{k}={v}" for k, v in identity(overrides)) or "defaults"
 
 
 def _without(tree: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> dict[str, Any]:

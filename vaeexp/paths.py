@@ -34,15 +34,19 @@ def default_data_root() -> str:
     return os.environ.get("VAEEXP_DATA") or str(Path(cache) / "vaeexp" / "data")
 
 
-def sweep_folder() -> Path | None:
-    """The running job's sweep folder; None outside a multirun."""
+def multirun() -> bool:
+    """Whether the running job is one of a multirun (`-m`: a sweep): the one test of it."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    return Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_folder() -> Path | None:
+    """The running job's sweep folder; None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().sweep.dir) if multirun() else None
 
 
 def parent_run_id(folder: Path | None) -> str | None:

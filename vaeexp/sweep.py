@@ -20,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vaeexp.config import is_where_or_how
+from vaeexp.config import identity, run_name
 from vaeexp.paths import EARLIER_FILE, PARENT_FILE, earlier_sweeps, parent_run_id
 from vaeexp.validate import ConfigError
 
@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 _CURRENT: dict[str, str] = {}
 
 
-def sweep_identity(overrides: list[str]) -> str:
-    """What makes two sweep commands one sweep for `resume=auto`: their overrides, less those
-    that change nothing trained (config.WHERE_OR_HOW: where it logs, `resume` itself...)."""
-    kept = sorted(o for o in overrides if not is_where_or_how(o.lstrip("+~").split("=", 1)[0]))
+def sweep_tag(overrides: list[str]) -> str:
+    """A sweep command's identity (`config.identity` of its overrides, in any order) as a short
+    tag that MLflow can search: two commands with the same tag are one sweep for `resume=auto`."""
+    kept = sorted(f"{k}={v}" for k, v in identity(overrides))
     return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:16]
 
 
@@ -121,7 +121,6 @@ class SweepRun(Callback):
         from mlflow.tracking import MlflowClient
 
         from vaeexp.slurm import check_launcher
-        from vaeexp.tracking.naming import run_name
         from vaeexp.tracking.store import TrackingUnavailable, check_reachable, experiment_for
 
         uri = config.tracking.uri
@@ -138,7 +137,7 @@ class SweepRun(Callback):
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
-        identity = sweep_identity(overrides)
+        identity = sweep_tag(overrides)
         earlier = _earlier_parent(client, experiment, identity) if config.resume == "auto" else None
         if earlier is not None:
             parent = _continue(client, earlier, folder)

@@ -1,5 +1,5 @@
 """The training loop, readable top to bottom: setup, steps, the end of each epoch, checkpoints
-(the step: `vaeexp.step`; what a checkpoint holds: `vaeexp.resumable`).
+(the step: `vaeexp.step`; what a checkpoint holds: `vaeexp.checkpoint`).
 
 Data stays on the device as one tensor; a batch is an index slice of a seeded permutation. Losses
 are summed on the device and read back every `log_every_n_steps`; only on CPU, where it costs no
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from vaeexp.checkpoint import Checkpoints, Position, restore_state, training_state
 from vaeexp.config import Binarize, Config
 from vaeexp.data import Dataset
 from vaeexp.model import VAE
 from vaeexp.process import StopFlag, seconds_since_start
-from vaeexp.resumable import Checkpoints, Position, restore_state, save, training_state
 from vaeexp.step import StepSettings, check_finite, held_out_losses, setup, train_step
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def train(
                     _flush_window(pos, callbacks, bar)
                 if stop.requested:
                     # mid-epoch: a resumed run continues with the next batch
-                    save(checkpoints, training_state(cfg, model, optimizer, pos, metrics, device))
+                    checkpoints.save(training_state(cfg, model, optimizer, pos, metrics, device))
                     stop.check()
             if pos.window_images:
                 _flush_window(pos, callbacks, bar)  # the epoch's tail
@@ -138,7 +138,7 @@ def train(
             # round, the epoch's metrics would be lost.
             for callback in callbacks:
                 callback.on_epoch_end(pos.epoch, pos.step, metrics, model)
-            save(checkpoints, training_state(cfg, model, optimizer, pos, metrics, device))
+            checkpoints.save(training_state(cfg, model, optimizer, pos, metrics, device))
             stop.check()
     return Result(model=model, epoch=pos.epoch, step=pos.step, metrics=metrics)
 

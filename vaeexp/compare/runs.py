@@ -15,9 +15,9 @@ from mlflow.entities import Run
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
+from vaeexp.config import identity
 from vaeexp.film.outputs import FILM_ARTIFACT, FILM_FOLDER, FINAL_FRAME_ARTIFACT
 from vaeexp.paths import PARENT_FILE, parent_run_id
-from vaeexp.tracking.naming import trained_overrides
 from vaeexp.tracking.store import search_all
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def runs_for(
 
 def overrides_of(run: Run) -> dict[str, str]:
     """The run's overrides that change what it trains."""
-    return dict(trained_overrides(shlex.split(run.data.tags.get("hydra_overrides", ""))))
+    return dict(identity(shlex.split(run.data.tags.get("hydra_overrides", ""))))
 
 
 def has_setting(run: Run, key: str) -> bool:

@@ -15,7 +15,7 @@ import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from vaeexp.config import Config, TrackingConfig
+from vaeexp.config import Config, TrackingConfig, run_name
 from vaeexp.data import Dataset
 from vaeexp.paths import sweep_folder
 from vaeexp.process import REQUEUED
@@ -24,7 +24,6 @@ from vaeexp.tracking import record
 from vaeexp.tracking.export import log_models
 from vaeexp.tracking.links import how_to_open
 from vaeexp.tracking.logger import EpochImages, MlflowLogger
-from vaeexp.tracking.naming import run_name
 from vaeexp.tracking.outbox import DeliveryIncomplete, Outbox
 from vaeexp.tracking.store import experiment_for, image_steps, latest_metrics, run_exists
 from vaeexp.trainer import Callback, Result
