@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from vaeexp.config import Config, register, settings
 from vaeexp.paths import CONF_DIR
 
-ONE_EPOCH = ["experiment=reference", "data=fashion_mnist", "progress=false", "epochs=1"]
+ONE_EPOCH = ["experiment=reference", "data=fashion_mnist", "runtime.progress=false", "epochs=1"]
 ONE_EPOCH += ["iwae.images=0", "tracking.log_model=false"]
 FILM_LINE = re.compile(
     r"film: (\d+) frames; per frame ([\d.]+) ms capture \(in the loop\), and in the worker "
@@ -50,7 +50,7 @@ def reference_callback(frames: int) -> tuple[float, float]:
     from vaeexp.data import load_data
     from vaeexp.model import VAE
 
-    data = load_data(config("data=fashion_mnist", "progress=false").data, progress=False)
+    data = load_data(config("data=fashion_mnist", "runtime.progress=false").data, progress=False)
     model = VAE(2, 256).eval()
     x, y = data.test_x, data.test_y.numpy()
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,11 +94,16 @@ def main() -> None:
         "off5": [
             "experiment=reference",
             "data=fashion_mnist",
-            "progress=false",
+            "runtime.progress=false",
             "epochs=5",
             "film=off",
         ],
-        "default": ["experiment=reference", "data=fashion_mnist", "progress=false", "epochs=5"],
+        "default": [
+            "experiment=reference",
+            "data=fashion_mnist",
+            "runtime.progress=false",
+            "epochs=5",
+        ],
     }
     for rep in range(args.reps):
         for name, overrides in runs.items():

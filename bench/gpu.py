@@ -56,8 +56,7 @@ def config(device: str, epochs: int, **overrides: object) -> Config:
         OmegaConf.structured(Config),
         {
             "epochs": epochs,
-            "device": device,
-            "progress": False,
+            "runtime": {"device": device, "progress": False},
             "data": {"name": "generated", "_target_": "none"},
             **overrides,
         },

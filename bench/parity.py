@@ -64,7 +64,7 @@ def vaeexp_run(seed: int, tmp: Path, *extra: str) -> dict[int, float]:
             "experiment=reference",
             "data=fashion_mnist",
             f"seed={seed}",
-            "progress=false",
+            "runtime.progress=false",
             *extra,
         ],
         env=env,

@@ -39,7 +39,12 @@ def cfg_for(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
             "config",
-            overrides=["experiment=reference", "data=fashion_mnist", "progress=false", *overrides],
+            overrides=[
+                "experiment=reference",
+                "data=fashion_mnist",
+                "runtime.progress=false",
+                *overrides,
+            ],
         )
 
 
@@ -151,7 +156,14 @@ def startup(runs: Path) -> tuple[float, float]:
     }
     start = time.time()
     subprocess.run(
-        [sys.executable, "-m", "vaeexp", "epochs=1", "data=mnist_bundled", "progress=false"],
+        [
+            sys.executable,
+            "-m",
+            "vaeexp",
+            "epochs=1",
+            "data=mnist_bundled",
+            "runtime.progress=false",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -171,8 +183,8 @@ def late_epoch_seconds(runs: Path, flush_denormal: bool) -> float:
     store = f"sqlite:///{runs / 'mlflow.db'}"
     env = {**os.environ, "VAEEXP_RUNS": str(runs), "MLFLOW_TRACKING_URI": store}
     overrides = ["experiment=reference", "data=fashion_mnist", "epochs=10", "film=off"]
-    overrides += ["iwae.images=0", "tracking.log_model=false", "progress=false"]
-    overrides += [f"flush_denormal={str(flush_denormal).lower()}"]
+    overrides += ["iwae.images=0", "tracking.log_model=false", "runtime.progress=false"]
+    overrides += [f"runtime.flush_denormal={str(flush_denormal).lower()}"]
     subprocess.run(
         [sys.executable, "-m", "vaeexp", *overrides], env=env, check=True, capture_output=True
     )
@@ -201,7 +213,7 @@ def reference_run(runs: Path) -> float:
             "vaeexp",
             "experiment=reference",
             "data=fashion_mnist",
-            "progress=false",
+            "runtime.progress=false",
         ],
         env=env,
         capture_output=True,
@@ -251,24 +263,29 @@ def main() -> None:
         f"vaeexp {lean / ours:.2f}x faster",
     )
 
-    switch_times: dict[str, list[float]] = {"fp32": [], "bf16": [], "compile": [], "threads=1": []}
-    first_compile = vaeexp_train(data, store, "epochs=1", "compile=true")[0]
+    switch_times: dict[str, list[float]] = {
+        "fp32": [],
+        "bf16": [],
+        "compile": [],
+        "runtime.threads=1": [],
+    }
+    first_compile = vaeexp_train(data, store, "epochs=1", "runtime.compile=true")[0]
     for _ in range(args.reps):
         for name, extra in (
             ("fp32", []),
-            ("bf16", ["precision=bf16"]),
-            ("compile", ["compile=true"]),
-            ("threads=1", ["threads=1"]),
+            ("bf16", ["runtime.precision=bf16"]),
+            ("compile", ["runtime.compile=true"]),
+            ("runtime.threads=1", ["runtime.threads=1"]),
         ):
             threads = torch.get_num_threads()
-            if "threads=1" in extra:
-                torch.set_num_threads(1)  # what `python -m vaeexp threads=1` does
+            if "runtime.threads=1" in extra:
+                torch.set_num_threads(1)  # what `python -m vaeexp runtime.threads=1` does
             switch_times[name].append(
                 vaeexp_train(data, store, "epochs=2", *extra)[1]["epoch_seconds"]
             )
             torch.set_num_threads(threads)
     fp32 = median(switch_times["fp32"])
-    for name in ("bf16", "compile", "threads=1"):
+    for name in ("bf16", "compile", "runtime.threads=1"):
         row(
             f"5. {name}: steady epoch vs fp32 eager",
             f"{median(switch_times[name]) / fp32:.3f}",
@@ -290,8 +307,8 @@ def main() -> None:
             name: vaeexp_train(data, store, "epochs=10", *extra)[1]["test/loss"]
             for name, extra in (
                 ("fp32", []),
-                ("bf16", ["precision=bf16"]),
-                ("compile", ["compile=true"]),
+                ("bf16", ["runtime.precision=bf16"]),
+                ("compile", ["runtime.compile=true"]),
                 ("seed 1", ["seed=1"]),
             )
         }

@@ -17,13 +17,17 @@ from common import bench_args, median, timed_cli, write_section
 
 # 4 short configs: reference model, 2 epochs on a 20,000-image slice of Fashion-MNIST
 SWEEP = ["-m", "latent_dim=2,4,8,16", "data=fashion_mnist", "data.train_limit=20000"]
-SWEEP += ["epochs=2", "progress=false"]
+SWEEP += ["epochs=2", "runtime.progress=false"]
 
 
 def main() -> None:
     args = bench_args(__doc__)
     walls: dict[str, list[float]] = {"serial": [], "joblib": [], "serial-1": []}
-    variants = (("serial", []), ("joblib", ["hydra/launcher=joblib"]), ("serial-1", ["threads=1"]))
+    variants = (
+        ("serial", []),
+        ("joblib", ["hydra/launcher=joblib"]),
+        ("serial-1", ["runtime.threads=1"]),
+    )
     for rep in range(args.reps):
         for name, extra in variants:
             tmp = Path(tempfile.mkdtemp(prefix=f"vaeexp-bench-sweep-{name}-"))

@@ -36,7 +36,12 @@ from vaeexp.paths import CONF_DIR
 register()
 
 # Small and fast: a few hundred of the bundled digits, no progress bar.
-TINY = ["data=mnist_bundled", "data.train_limit=400", "data.test_limit=100", "progress=false"]
+TINY = [
+    "data=mnist_bundled",
+    "data.train_limit=400",
+    "data.test_limit=100",
+    "runtime.progress=false",
+]
 
 
 def make_cfg(*overrides: str) -> DictConfig:

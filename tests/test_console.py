@@ -10,7 +10,7 @@ from tests.conftest import env_for, free_port, run_cli
 QUICK = [
     "data.train_limit=200",
     "data.test_limit=50",
-    "progress=false",
+    "runtime.progress=false",
     "epochs=1",
     "intermediate_dim=32",
     "iwae.k=5",

@@ -36,7 +36,7 @@ ARGS = [
     "batch_size=10",
     "intermediate_dim=64",
     "log_every_n_steps=7",
-    "progress=false",
+    "runtime.progress=false",
     "tracking.log_model=false",
     "tracking.log_images=false",
     "iwae.k=10",
@@ -192,7 +192,7 @@ def test_data_cache_that_cannot_be_written(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     result = run_cli(
         "epochs=1",
-        "progress=false",
+        "runtime.progress=false",
         f"data.root={tmp_path / 'a-file' / 'cache'}",
         env=env_for(tmp_path),
     )

@@ -189,7 +189,7 @@ def test_training_keeps_its_threads_when_the_film_starts_first():
         "from tests.conftest import make_cfg\n"
         "from vaeexp.data import load_data\n"
         "from vaeexp.film import FilmRecorder\n"
-        "cfg = make_cfg('data=mnist_bundled', 'film.precision=fp32')\n"  # no torch op before
+        "cfg = make_cfg('data=mnist_bundled', 'runtime.film_precision=fp32')\n"  # no torch op yet
         "data = load_data(cfg.data)\n"
         "class Sink:\n"
         "    def __getattr__(self, name): return lambda *a, **k: None\n"

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import json
+import re
+import typing
 from dataclasses import fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 
 import yaml
+from omegaconf import MISSING
 
 from vaeexp.config import Config
 from vaeexp.paths import CONF_DIR, PROJECT_ROOT
+from vaeexp.validate import RULES
 
 PACKAGE = PROJECT_ROOT / "vaeexp"
 # Lower layers never import higher ones: where things live -> config -> data/model -> a sweep's
@@ -123,3 +129,57 @@ def test_conf_never_restates_a_default():
             if key in defaults and defaults[key] == value:
                 restated.append(f"{path.relative_to(CONF_DIR)}: {key}")
     assert not restated, restated
+
+
+def _documented() -> dict[str, tuple[str, str]]:
+    """docs/settings.md's key table: key -> (default, allowed), as written."""
+    row = re.compile(r"^\| `([\w.]+)`(?:, `([\w.]+)`)? \| (.*?) \| (.*?) \| .* \|$")
+    out = {}
+    for line in (PROJECT_ROOT / "docs" / "settings.md").read_text().splitlines():
+        if m := row.match(line):
+            for key in filter(None, m.group(1, 2)):
+                out[key] = (m.group(3), m.group(4))
+    return out
+
+
+def _field_types(node: type, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for f in fields(node):
+        kind = typing.get_type_hints(node)[f.name]
+        if is_dataclass(kind):
+            out |= _field_types(kind, f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = kind
+    return out
+
+
+def test_the_settings_table_is_the_schema_and_its_checks():
+    """docs/settings.md lists every key of the schema with its default and what is allowed: an
+    enum's values, true/false for a switch, and the check's own words (vaeexp.validate)."""
+    documented, defaults, types = _documented(), _defaults(Config()), _field_types(Config)
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    assert set(defaults) - set(documented) == set()  # every key, documented
+    assert set(documented) - set(defaults) - groups <= {"hydra/launcher"}  # and nothing else
+    wrong = []
+    for key, kind in types.items():
+        default, allowed = documented[key]
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            expected = ", ".join(f"`{e.value}`" for e in kind)
+            if allowed != expected:
+                wrong.append(f"{key}: allowed {allowed!r}, the schema: {expected!r}")
+        elif kind is bool and allowed != "true, false":
+            wrong.append(f"{key}: allowed {allowed!r}, a switch: 'true, false'")
+        value = defaults[key]
+        if value == MISSING or (isinstance(value, str) and "${" in value):
+            continue  # set by a group, or resolved at run time: the table says from what
+        written = default.split(" (")[0].strip("`")
+        if isinstance(value, float):
+            same = re.fullmatch(r"[\d.]+(e-?\d+)?", written) and float(written) == value
+        else:
+            same = written == (value if isinstance(value, str) else json.dumps(value))
+        if not same:
+            wrong.append(f"{key}: default {default!r}, the schema: {value!r}")
+    for key, _, allowed in RULES:
+        if documented[key][1] != allowed:
+            wrong.append(f"{key}: allowed {documented[key][1]!r}, the check: {allowed!r}")
+    assert not wrong, "\n".join(wrong)

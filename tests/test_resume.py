@@ -44,9 +44,9 @@ def test_auto_picks_the_newest_checkpoint_of_the_same_training(runs):
         "multirun/2024-01-02/11-00-00/3",
         cfg(
             "epochs=7",
-            "threads=3",
-            "progress=true",
-            "device=cpu",
+            "runtime.threads=3",
+            "runtime.progress=true",
+            "runtime.device=cpu",
             "tracking.experiment=elsewhere",
             "tracking.uri=http://127.0.0.1:5000",
             "data.root=/somewhere/else",

@@ -16,7 +16,7 @@ from vaeexp.sweep import sweep_tag
 
 # Long enough to be interrupted mid-training (15 steps an epoch), quick to start.
 TRAIN = ["data=mnist_bundled", "data.train_limit=1500", "data.test_limit=100", "epochs=6"]
-TRAIN += ["progress=false", "tracking.log_model=false", "iwae.images=0", "film=off"]
+TRAIN += ["runtime.progress=false", "tracking.log_model=false", "iwae.images=0", "film=off"]
 TRAIN += ["latent_dim=2,3,4"]
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
 

@@ -12,10 +12,10 @@ def test_run_name_keeps_what_changes_training():
         "latent_dim=8",
         "+foo=1",
         "tracking.uri=x",
-        "progress=false",
+        "runtime.progress=false",
         "data=kmnist",
         "hydra.run.dir=/x",
-        "device=cpu",
+        "runtime.device=cpu",
         "resume=/a/b",
         "iwae.k=5",
     ]

@@ -76,7 +76,7 @@ def test_kl_weight_trades_reconstruction_for_kl():
     negative ELBO, which kl_weight=1 optimises, is worse too. Sized where the effect dwarfs what
     seeds change: 40 steps, by which kl_weight=1 has begun to use its latent code."""
     small = ["data=mnist_bundled", "data.train_limit=1000", "data.test_limit=200"]
-    small += ["progress=false", "intermediate_dim=64", "batch_size=50", "epochs=2"]
+    small += ["runtime.progress=false", "intermediate_dim=64", "batch_size=50", "epochs=2"]
     data = load_data(make_cfg(*small).data)
     one, four = (
         train(settings(make_cfg(*small, f"kl_weight={w}")), data, CPU).metrics for w in (1, 4)

@@ -28,13 +28,13 @@ WHERE_OR_HOW = (
     "tracking",
     "iwae",
     "paths",
-    "progress",
     "resume",
     "checkpoint",
     "data.root",
-    "threads",
-    "device",
     "dry_run",
+    "runtime.device",
+    "runtime.threads",
+    "runtime.progress",
 )
 
 
@@ -68,7 +68,7 @@ class Precision(Enum):
 
 
 class FilmPrecision(Enum):
-    auto = "auto"  # bf16 where the CPU computes it natively (bench/RESULTS.md), else fp32
+    auto = "auto"  # bf16 where the CPU computes it natively, else fp32 (emulated bf16 is slower)
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -135,7 +135,20 @@ class FilmConfig:
     mp4: bool = False
     decoder: bool = True  # latent_dim 2: the decoded 20x20 grid, one frame per epoch
     knn_k: int = 5  # neighbours for the per-frame kNN accuracy
-    precision: FilmPrecision = FilmPrecision.auto  # the frame's encoder pass
+
+
+@dataclass
+class RuntimeConfig:
+    """The machine's knobs: how fast and where a run trains, not what it trains. A researcher
+    compares the other settings; these are set once for a machine."""
+
+    device: Device = Device.auto
+    threads: int = 0  # torch intra-op threads; 0: automatic
+    flush_denormal: bool = True  # CPU: subnormal floats as 0 (each costs a microcode assist)
+    compile: bool = False  # torch.compile the loss step
+    precision: Precision = Precision.fp32  # bf16: autocast of the training step
+    film_precision: FilmPrecision = FilmPrecision.auto  # the film frame's encoder pass
+    progress: bool = True  # a progress bar
 
 
 @dataclass
@@ -162,15 +175,9 @@ class Config:
     kl_warmup_epochs: int = 0  # the weight rises linearly from 0 over these epochs, step by step
     init: Init = Init.glorot
     seed: int = 0
-    device: Device = Device.auto
-    threads: int = 0  # torch intra-op threads; 0: automatic
-    flush_denormal: bool = True  # CPU: subnormal floats as 0 (each costs a microcode assist)
     grad_clip: float | None = None  # global norm of the optimised objective's gradients
-    compile: bool = False  # torch.compile the loss step
-    precision: Precision = Precision.fp32
     log_every_n_steps: int = 50
     test_batch_size: int = 1000  # the per-epoch test-set losses
-    progress: bool = True
     checkpoint: bool = True
     resume: str | None = None  # auto, a run folder, a checkpoint file or an MLflow run id
     dry_run: bool = False  # validate and list the job(s) without loading data or training
@@ -179,6 +186,7 @@ class Config:
     iwae: IwaeConfig = field(default_factory=IwaeConfig)
     film: FilmConfig = field(default_factory=FilmConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def register() -> None:

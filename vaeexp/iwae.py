@@ -33,7 +33,7 @@ def iwae_of_run(client: MlflowClient, run_id: str, k: int, images: int | None) -
     if resolved != data_cfg.name:  # it trained on its fallback
         data_cfg = fallback_config(data_cfg)
     data_cfg.download, data_cfg.fallback = False, None  # the data it trained on, or an error
-    cpu_settings(cfg.flush_denormal)  # before the first parallel op
+    cpu_settings(cfg.runtime.flush_denormal)  # before the first parallel op
     data = load_data(data_cfg, progress=False)
     return iwae_nll(model, data.test_x[:images], k)
 

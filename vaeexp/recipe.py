@@ -118,8 +118,9 @@ class Recipe:
         member = Member(settings(self.cfg), self.overrides, self.output_dir)
         typed = member.cfg
         launcher = HydraConfig.get().launcher if self.multirun else None
-        process.cpu_settings(typed.flush_denormal, process.job_threads(typed.threads, launcher))
-        self.device = process.pick_device(typed.device.value)
+        runtime = typed.runtime
+        process.cpu_settings(runtime.flush_denormal, process.job_threads(runtime.threads, launcher))
+        self.device = process.pick_device(runtime.device.value)
         # Seconds, not minutes of retries, and before any work: credentials and write access too.
         check_reachable(typed.tracking.uri, typed.tracking.experiment)
         if typed.resume:
@@ -133,7 +134,8 @@ class Recipe:
         # The members of a job share their data. In a sweep, the launching process has said
         # once where it comes from (vaeexp.sweep).
         first = to_train[0].cfg
-        self.data = load_data(first.data, progress=first.progress, warn_fallback=not self.multirun)
+        quiet = not self.multirun
+        self.data = load_data(first.data, progress=first.runtime.progress, warn_fallback=quiet)
         for member in to_train:
             self.trained.append(self._train(member, self.data))
 

@@ -59,9 +59,9 @@ class StepSettings:
             kl_weight=cfg.kl_weight,
             kl_warmup_steps=cfg.kl_warmup_epochs * (steps_per_epoch or 0),
             grad_clip=cfg.grad_clip,
-            bf16=cfg.precision == Precision.bf16,
+            bf16=cfg.runtime.precision == Precision.bf16,
             check_finite=check_finite,
-            loss_terms=torch.compile(loss_terms) if cfg.compile else loss_terms,
+            loss_terms=torch.compile(loss_terms) if cfg.runtime.compile else loss_terms,
         )
 
     def kl_weight_at(self, step: int) -> float:

@@ -101,7 +101,7 @@ def train(
         callback.on_train_start(pos.step, model)
     total = cfg.epochs * steps_per_epoch
     first_step = pos.step + 1
-    with stop.armed(), _progress_bar(cfg.progress, total, pos.step) as bar:
+    with stop.armed(), _progress_bar(cfg.runtime.progress, total, pos.step) as bar:
         log.info("training %d steps, from step %d", total - pos.step, first_step)
         while pos.epoch < cfg.epochs:
             started = time.perf_counter()

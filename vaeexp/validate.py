@@ -37,7 +37,7 @@ def limits_ok(value: str) -> bool:
 
 
 # (key, test, what is allowed) for the checks a type cannot express.
-_RULES: list[tuple[str, object, str]] = [
+RULES: list[tuple[str, object, str]] = [
     ("latent_dim", lambda v: v >= 1, "an integer >= 1"),
     ("intermediate_dim", lambda v: v >= 1, "an integer >= 1"),
     ("batch_size", lambda v: v >= 1, "an integer >= 1"),
@@ -49,7 +49,7 @@ _RULES: list[tuple[str, object, str]] = [
     ("kl_weight", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("kl_warmup_epochs", lambda v: v >= 0, "an integer >= 0 (0: no warm-up)"),
     ("seed", lambda v: 0 <= v < 2**63, "an integer >= 0"),
-    ("threads", lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
+    ("runtime.threads", lambda v: v >= 0, "an integer >= 0 (0: torch's default)"),
     ("grad_clip", lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number > 0"),
     ("log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
     ("test_batch_size", lambda v: v >= 1, "an integer >= 1"),
@@ -58,7 +58,11 @@ _RULES: list[tuple[str, object, str]] = [
     ("iwae.k", lambda v: v >= 1, "an integer >= 1"),
     ("iwae.images", lambda v: v is None or v >= 0, "null (all) or an integer >= 0 (0: skip)"),
     ("film.points", lambda v: v is None or v >= 10, "null (all test images) or an integer >= 10"),
-    ("film.every_step_until", lambda v: v is None or v >= 0, "null (every step) or an int >= 0"),
+    (
+        "film.every_step_until",
+        lambda v: v is None or v >= 0,
+        "null (every step) or an integer >= 0",
+    ),
     ("film.every_n_steps", lambda v: v >= 1, "an integer >= 1"),
     ("film.until_epoch", lambda v: v >= 0, "an integer >= 0"),
     ("film.limits", limits_ok, "auto or a number L > 0 (axes from -L to L)"),
@@ -76,7 +80,7 @@ def validate(cfg: DictConfig) -> None:
     for key in _all_keys(cfg):  # `+key=value` adds keys the schema does not know
         if key not in known:
             raise ConfigError(unknown_setting(key, known))
-    for key, ok, allowed in _RULES:
+    for key, ok, allowed in RULES:
         value = OmegaConf.select(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
@@ -104,14 +108,15 @@ def validate(cfg: DictConfig) -> None:
             f"resume={cfg.resume} is not allowed: must be auto, a run folder, a checkpoint file "
             "or an MLflow run id"
         )
-    if cfg.device not in (Device.cuda, Device.mps):
+    if cfg.runtime.device not in (Device.cuda, Device.mps):
         return
     import torch  # only to ask for a device: keeps `--help` and config errors fast
 
-    if cfg.device == Device.cuda and not torch.cuda.is_available():
-        raise ConfigError("device=cuda is not available on this machine; allowed here: auto, cpu")
-    if cfg.device == Device.mps and not torch.backends.mps.is_available():
-        raise ConfigError("device=mps is not available on this machine; allowed here: auto, cpu")
+    here = "allowed here: auto, cpu"
+    if cfg.runtime.device == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device=cuda is not available on this machine; {here}")
+    if cfg.runtime.device == Device.mps and not torch.backends.mps.is_available():
+        raise ConfigError(f"runtime.device=mps is not available on this machine; {here}")
 
 
 def check_no_credentials(uri: str) -> None:

@@ -54,13 +54,13 @@ TRAIN = [
     "data.train_limit=1500",
     "data.test_limit=100",
     "epochs=12",
-    "progress=false",
+    "runtime.progress=false",
     "tracking.log_model=false",
     "iwae.images=0",
 ]
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=15"]
 QUICK = ["epochs=1", "data=mnist_bundled", "data.train_limit=200", "data.test_limit=100"]
-QUICK += ["progress=false", "iwae.images=0", "film=off"]
+QUICK += ["runtime.progress=false", "iwae.images=0", "film=off"]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaeexp.config import Config, FilmPrecision
+from vaeexp.config import Config
 from vaeexp.data import Dataset
 from vaeexp.film.capture import FilmedImages, film_points, to_host
 from vaeexp.film.frames import FrameStore
@@ -53,7 +53,7 @@ class FilmRecorder(Callback):
         self.schedule = Schedule.from_config(film, data.steps_per_epoch(cfg.batch_size))
         self.index = film_points(data.test_y, film.points)  # in drawing order
         filmed = np.sort(self.index)  # in test-set order, as they are encoded
-        self.images = FilmedImages(data.test_x, filmed, FilmPrecision(film.precision), device)
+        self.images = FilmedImages(data.test_x, filmed, cfg.runtime.film_precision, device)
         order = np.searchsorted(filmed, self.index)
         self.labels = data.test_y.numpy()[self.index]
         self.class_names = data.class_names
