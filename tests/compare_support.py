@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
-from vaeexp.film.outputs import FILM_FOLDER, FINAL_FRAME
+from vaeexp.film.render import FILM_FOLDER, FINAL_FRAME
 
 # Injected into a copy of report.html: once the page has loaded, click a table's column header
 # (twice when "desc") and record the rows' order and the films' order.

@@ -15,7 +15,7 @@ from mlflow.entities import Run
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from vaeexp.film.outputs import FILM_ARTIFACT, FILM_FOLDER, FINAL_FRAME_ARTIFACT
+from vaeexp.film.render import FILM_ARTIFACT, FILM_FOLDER, FINAL_FRAME_ARTIFACT
 from vaeexp.paths import PARENT_FILE, parent_run_id
 from vaeexp.tracking.naming import trained_overrides
 from vaeexp.tracking.store import search_all

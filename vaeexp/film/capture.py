@@ -1,7 +1,7 @@
 """The film's side of the training thread: which test images are filmed, and their encoder pass.
 
 The encoder pass is the one cost a frame cannot avoid, and done in the training thread it has
-all the cores to itself; everything after it is the worker's (vaeexp.film.worker).
+all the cores to itself; everything after it is the worker's (vaeexp.film.recorder.FilmWorker).
 """
 
 from __future__ import annotations
