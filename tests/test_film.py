@@ -18,7 +18,7 @@ from PIL import Image
 from tests.conftest import TINY, env_for, only_run, run_cli
 from vaeexp.film.capture import film_points
 from vaeexp.film.frames import Frames, active_units, knn_accuracy, knn_split
-from vaeexp.film.recorder import Schedule
+from vaeexp.film.recorder import FRAMES_METRIC, TIMING_METRICS, Schedule
 from vaeexp.film.render import FINAL_FRAME, FINAL_FRAME_ARTIFACT, Canvas, GifWriter, Projection
 
 # 400 images / 50 = 8 steps an epoch
@@ -142,6 +142,19 @@ def test_schedule_frames_reach_mlflow(filmed):
     assert all(0 <= m.value <= 1 for m in knn)  # its value: test_knn_accuracy_and_active_units
     units = client.get_metric_history(run.info.run_id, "film/active_units")
     assert all(0 <= m.value <= 2 for m in units)
+
+
+def test_film_logs_where_its_time_went(filmed):
+    """bench/film.py reads these metrics: logged once, at the last frame's step."""
+    _env, client, run, off_run = filmed
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics[FRAMES_METRIC] == 13
+    for key in (FRAMES_METRIC, *TIMING_METRICS.values()):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [24], key
+        assert metrics[key] >= 0
+    assert (
+        not set(TIMING_METRICS.values()) & client.get_run(off_run.info.run_id).data.metrics.keys()
+    )
 
 
 def test_film_artifacts_gif_decoder_and_frames(filmed, tmp_path):

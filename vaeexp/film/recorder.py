@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 QUEUE_FRAMES = 64
 METRICS_SECONDS = 10.0
+# Where the film's time goes, logged when it ends: the capture in the training loop, then the
+# worker's parts; wall-clock seconds, so they differ from run to run.
+TIMING_METRICS = {
+    part: f"film/{part}_seconds" for part in ("capture", "diagnostics", "render", "log")
+}
+FRAMES_METRIC = "film/frames"
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,7 @@ class FilmRecorder(Callback):
         device: torch.device,
     ) -> None:
         film = cfg.film
-        self.cfg, self.film, self.folder = cfg, film, folder
+        self.cfg, self.film, self.folder, self.sink = cfg, film, folder, sink
         self.schedule = Schedule.from_config(film, data.steps_per_epoch(cfg.batch_size))
         self.index = film_points(data.test_y, film.points)  # in drawing order
         filmed = np.sort(self.index)  # in test-set order, as they are encoded
@@ -206,7 +212,7 @@ class FilmRecorder(Callback):
         self.live = cfg.latent_dim <= 2 and film.limits != "auto"
         self.decoder_film = film.decoder and cfg.latent_dim == 2
         self.store = FrameStore(folder, len(self.index), cfg.latent_dim)
-        self.timings = {"capture": 0.0, "diagnostics": 0.0, "render": 0.0, "log": 0.0}
+        self.timings = dict.fromkeys(TIMING_METRICS, 0.0)
         self.outputs = FilmOutputs(cfg, sink, folder, self.labels, self.class_names, self.timings)
         self.worker = FilmWorker(
             sink, self.store, self.outputs, self.labels, order, film.knn_k, self.live, self.timings
@@ -305,16 +311,12 @@ class FilmRecorder(Callback):
         self.store.path.unlink(missing_ok=True)
 
     def _log_timings(self) -> None:
-        """Where a frame's time went (bench/film.py reads this line)."""
-        n = len(self.store.steps)
-        if n:
-            t = self.timings
-            log.info(
-                "film: %d frames; per frame %.1f ms capture (in the loop), and in the worker "
-                "%.1f ms diagnostics, %.1f ms render, %.1f ms log",
-                n,
-                *(1000 * t[k] / n for k in ("capture", "diagnostics", "render", "log")),
-            )
+        """Each part's seconds over all frames, and the number of frames, as metrics at the last
+        frame's step (bench/film.py reads them)."""
+        steps = self.store.steps
+        if steps:
+            seconds = {TIMING_METRICS[part]: t for part, t in self.timings.items()}
+            self.sink.log_metrics(seconds | {FRAMES_METRIC: float(len(steps))}, steps[-1])
 
     def _raise_if_failed(self) -> None:
         if self.worker.error is not None:
