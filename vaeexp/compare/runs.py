@@ -89,8 +89,9 @@ def has_setting(run: Run, key: str) -> bool:
 def value_of(run: Run, key: str) -> str:
     """A setting's value: the logged param (the resolved config, spelled the same whichever
     sweep or command set it), else the override (a config group: `data` is `data.name`), else
-    empty (a run logged before that param existed). `tags.NAME` is a tag's value, such as
-    `tags.mlflow.source.git.commit` to tell runs before and after a change apart."""
+    empty (a run that logged no such param, as a job that failed before its run started).
+    `tags.NAME` is a tag's value, such as `tags.mlflow.source.git.commit` to tell runs before and
+    after a change apart."""
     if key.startswith(TAG):
         return run.data.tags.get(key.removeprefix(TAG), "")
     params = run.data.params

@@ -123,13 +123,13 @@ def knn_accuracy(
     """Share of query points whose k nearest reference points (Euclidean, in the latent space)
     vote for their own label; ties go to the nearest of the tied labels."""
     k = min(k, len(refs))
-    if means.shape[1] <= 8:  # a k-d tree is fastest in few dimensions
+    if means.shape[1] <= 8:  # a k-d tree prunes well in few dimensions
         from scipy.spatial import cKDTree
 
         x = means.astype(np.float64)
         _, nearest = cKDTree(x[refs]).query(x[queries], k=k)
         nearest = np.asarray(nearest).reshape(len(queries), k)
-    else:  # and brute force in many
+    else:  # in many it visits most points anyway: brute force, as matrix products
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(means, np.float32))
