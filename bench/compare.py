@@ -34,7 +34,7 @@ from vaeexp.compare import report
 from vaeexp.compare.parent import GROUP_TAG
 from vaeexp.film.__main__ import rerender
 from vaeexp.film.frames import Frames
-from vaeexp.film.outputs import FINAL_FRAME
+from vaeexp.film.render import FINAL_FRAME
 
 SEEDS = 4
 EXTRA_PARAMS = {f"film.setting_{i}": str(i) for i in range(55)}  # a real run logs ~65 params

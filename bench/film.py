@@ -12,7 +12,6 @@ Each vaeexp pair is run interleaved, `--reps` times; medians. Needs the Debian p
 
 from __future__ import annotations
 
-import re
 import resource
 import tempfile
 import time
@@ -21,16 +20,14 @@ from pathlib import Path
 import torch
 from common import bench_args, median, timed_cli, write_section
 from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
 
 from vaeexp.config import Config, register, settings
+from vaeexp.film.recorder import FRAMES_METRIC, TIMING_METRICS
 from vaeexp.paths import CONF_DIR
 
 ONE_EPOCH = ["experiment=reference", "data=fashion_mnist", "runtime.progress=false", "epochs=1"]
 ONE_EPOCH += ["iwae.images=0", "tracking.log_model=false"]
-FILM_LINE = re.compile(
-    r"film: (\d+) frames; per frame ([\d.]+) ms capture \(in the loop\), and in the worker "
-    r"([\d.]+) ms diagnostics, ([\d.]+) ms render, ([\d.]+) ms log"
-)
 
 
 def config(*overrides: str) -> Config:
@@ -38,6 +35,17 @@ def config(*overrides: str) -> Config:
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return settings(compose("config", overrides=list(overrides)))
+
+
+def film_split(store: str) -> tuple[float, ...]:
+    """(frames, then ms per frame of capture, diagnostics, render and log) of the store's latest
+    run, from the metrics its film logs when it ends."""
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("vaeexp").experiment_id
+    run = client.search_runs([experiment], order_by=["attributes.start_time DESC"])[0]
+    metrics = run.data.metrics
+    frames = metrics[FRAMES_METRIC]
+    return (frames, *(1000 * metrics[name] / frames for name in TIMING_METRICS.values()))
 
 
 def reference_callback(frames: int) -> tuple[float, float]:
@@ -107,12 +115,11 @@ def main() -> None:
     }
     for rep in range(args.reps):
         for name, overrides in runs.items():
-            wall, peak, output = timed_cli(overrides, env)
+            wall, peak, _ = timed_cli(overrides, env)
             walls[name].append(wall)
             peaks[name].append(peak)
             if name in splits:
-                m = FILM_LINE.search(output)
-                splits[name].append(tuple(float(g) for g in m.groups()))
+                splits[name].append(film_split(env["MLFLOW_TRACKING_URI"]))
             print(f"  rep {rep + 1} {name}: {wall:.2f} s, {peak:.0f} MB", flush=True)
 
     frames = splits["ref"][0][0]

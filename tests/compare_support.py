@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
-from vaeexp.film.outputs import FILM_FOLDER, FINAL_FRAME
+from vaeexp.film.render import FILM_FOLDER, FINAL_FRAME
 
 # Injected into a copy of report.html: once the page has loaded, click a table's column header
 # (twice when "desc") and record the rows' order and the films' order.
@@ -82,13 +82,11 @@ def add_run(
     status: str = "FINISHED",
     frame: Path | None = None,
     film: Path | None = None,
-    legacy_frame: Path | None = None,
     params: dict[str, str] | None = None,
     histories: tuple[str, ...] = (),
 ) -> str:
     """One child run: `final` is its last test loss (None: it diverged, so no final metrics);
-    recon is 97% of the loss, KL the rest, the IWAE bound 5 nats lower. `legacy_frame`: the
-    last latent frame only in MLflow's image slider, as runs logged before film/latent_final.png.
+    recon is 97% of the loss, KL the rest, the IWAE bound 5 nats lower.
     `params` adds params; `histories` adds per-epoch curves of other keys, as a real run has.
     """
     name = ",".join(f"{k}={v}" for k, v in overrides.items())
@@ -119,9 +117,6 @@ def add_run(
         client.log_artifact(run_id, str(frame), FILM_FOLDER)
     if film is not None:
         client.log_artifact(run_id, str(film), FILM_FOLDER)
-    if legacy_frame is not None:
-        with Image.open(legacy_frame) as image:
-            client.log_image(run_id, image.copy(), key="latent", step=epochs)
     client.set_terminated(run_id, "FAILED" if status == "DIVERGED" else status)
     return run_id
 

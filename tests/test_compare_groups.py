@@ -223,20 +223,19 @@ def test_filter_compares_runs_from_several_sweeps(store, tmp_path, capsys):
     assert "no runs to compare" in str(bad.value)
 
 
-def test_legacy_runs_and_runs_without_a_film(tmp_path, mlflow_store):
+def test_runs_with_only_a_final_frame_and_runs_without_a_film(tmp_path, mlflow_store):
     client, _uri = mlflow_store
     experiment = client.create_experiment("vaeexp", str(tmp_path / "mlartifacts"))
     parent = client.create_run(experiment).info.run_id
     frame = frame_png(tmp_path / "f")
-    legacy = add_run(client, experiment, {"seed": "0"}, parent=parent, legacy_frame=frame)
+    framed = add_run(client, experiment, {"seed": "0"}, parent=parent, frame=frame)  # no GIF
     add_run(client, experiment, {"seed": "1"}, parent=parent, final=501)  # no film at all
     out = tmp_path / "report"
     report(client, out, parent=parent, log_to_parent=False)
     page = (out / "report.html").read_text()
-    assert "read from MLflow&#39;s internal image file names" in page
     assert page.count('data-frame="data:image/png;base64,') == 1 and "no film" in page
     assert [g["group"] for g in read_csv(out / "groups.csv")] == ["all runs"]
-    assert json.loads((out / "summary.json").read_text())["runs"][legacy]["status"] == "FINISHED"
+    assert json.loads((out / "summary.json").read_text())["runs"][framed]["status"] == "FINISHED"
 
 
 def test_films_past_the_budget_go_beside_the_page(store, tmp_path):

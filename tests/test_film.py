@@ -16,13 +16,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY, env_for, only_run, run_cli
-from vaeexp.film import diagnostics
-from vaeexp.film.frames import Frames
-from vaeexp.film.gif import GifWriter
-from vaeexp.film.outputs import FINAL_FRAME, FINAL_FRAME_ARTIFACT
-from vaeexp.film.recorder import film_points
-from vaeexp.film.render import Canvas, Projection
-from vaeexp.film.schedule import Schedule
+from vaeexp.film.capture import film_points
+from vaeexp.film.frames import Frames, active_units, knn_accuracy, knn_split
+from vaeexp.film.recorder import FRAMES_METRIC, TIMING_METRICS, Schedule
+from vaeexp.film.render import FINAL_FRAME, FINAL_FRAME_ARTIFACT, Canvas, GifWriter, Projection
 
 # 400 images / 50 = 8 steps an epoch
 QUICK = [*TINY, "intermediate_dim=64", "batch_size=50", "tracking.log_model=false"]
@@ -67,14 +64,14 @@ def test_knn_accuracy_and_active_units():
     labels = np.repeat(np.arange(10), 100)
     centres = rng.normal(size=(10, 8)) * 100
     separated = centres[labels] + rng.normal(size=(1000, 8))
-    queries, refs = diagnostics.split(labels)
-    assert diagnostics.knn_accuracy(separated, labels, queries, refs, k=5) == 1.0
+    queries, refs = knn_split(labels)
+    assert knn_accuracy(separated, labels, queries, refs, k=5) == 1.0
     noise = rng.normal(size=(1000, 8))
-    assert diagnostics.knn_accuracy(noise, labels, queries, refs, k=5) < 0.3
+    assert knn_accuracy(noise, labels, queries, refs, k=5) < 0.3
     wide = np.concatenate([separated, noise], axis=1)  # 16 dims: the brute-force path
-    assert diagnostics.knn_accuracy(wide, labels, queries, refs, k=5) == 1.0
+    assert knn_accuracy(wide, labels, queries, refs, k=5) == 1.0
     collapsed = np.concatenate([noise[:, :3], np.full((1000, 5), 0.3)], axis=1)
-    assert diagnostics.active_units(collapsed) == 3
+    assert active_units(collapsed) == 3
 
 
 def test_pca_is_fitted_once_and_labels_its_axes():
@@ -145,6 +142,19 @@ def test_schedule_frames_reach_mlflow(filmed):
     assert all(0 <= m.value <= 1 for m in knn)  # its value: test_knn_accuracy_and_active_units
     units = client.get_metric_history(run.info.run_id, "film/active_units")
     assert all(0 <= m.value <= 2 for m in units)
+
+
+def test_film_logs_where_its_time_went(filmed):
+    """bench/film.py reads these metrics: logged once, at the last frame's step."""
+    _env, client, run, off_run = filmed
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics[FRAMES_METRIC] == 13
+    for key in (FRAMES_METRIC, *TIMING_METRICS.values()):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [24], key
+        assert metrics[key] >= 0
+    assert (
+        not set(TIMING_METRICS.values()) & client.get_run(off_run.info.run_id).data.metrics.keys()
+    )
 
 
 def test_film_artifacts_gif_decoder_and_frames(filmed, tmp_path):

@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mlflow.tracking import MlflowClient
 
 from vaeexp.config import run_name
-from vaeexp.tracking.record import flatten
+from vaeexp.tracking.run import flatten
 from vaeexp.tracking.store import EXPERIMENT_KIND, ensure_experiment
 
 

@@ -35,8 +35,8 @@ def iwae_log_likelihood(
     was_training = model.training
     model.eval()
     chunk = max(1, max_samples // k)
-    # One buffer for every chunk's logits: a fresh block per chunk left glibc's heap fragmented,
-    # by a random amount from run to run (bench/RESULTS.md, row 4).
+    # One buffer for every chunk's logits: a fresh block per chunk would fragment glibc's heap by
+    # a different amount in each run, and with it the run's peak memory.
     rows, pixels = k * min(chunk, len(x)), model.decoder_out.out_features
     buffer = torch.empty(rows, pixels, device=x.device, dtype=x.dtype)
     bounds = []

@@ -1,5 +1,5 @@
-"""The reference MLP VAE and its loss terms, in nats per image (the trainer scales them to the
-optimised objective: see `trainer.objective_weight`).
+"""The reference MLP VAE and its loss terms, in nats per image (the step scales them to the
+optimised objective: see `vaeexp.step.objective_weight`).
 
 784 -> Dense(h, relu) -> (z_mean, z_log_var) -> z = mean + exp(log_var / 2) * N(0, epsilon_std^2)
 -> Dense(h, relu) -> Dense(784, sigmoid); loss = binary cross-entropy summed over pixels + KL.

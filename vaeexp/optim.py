@@ -1,10 +1,11 @@
 """Optimizers, including RMSprop with Keras's update rule.
 
 Keras adds eps inside the square root (p -= lr * g / sqrt(v + eps)); torch.optim.RMSprop adds it
-outside (sqrt(v) + eps), and no torch optimizer has Keras's rule, so it is written here. Where
-v is small (pixels that are almost always 0, or the reference's per-pixel objective, whose
-gradients are 784x smaller) the two rules differ by orders of magnitude: that is what makes the
-reference's results depend on the scale of its loss (bench/RESULTS.md, "Parity").
+outside (sqrt(v) + eps), and no torch optimizer has Keras's rule, so it is written here. Keras's
+rule is not scale-invariant: where v = E[g^2] is of the order of eps (pixels that are almost
+always 0, or the reference's per-pixel objective, whose gradients are 1/784 of those of nats per
+image) eps damps the step, and where v is large it does nothing. So the scale of the loss changes
+how the reference trains, which is why vaeexp.step.objective_weight keeps the reference's scale.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import torch
 from vaeexp import checkpoint
 from vaeexp.config import register
 from vaeexp.model import IMAGE_DIM
-from vaeexp.tracking.export import log_models
 from vaeexp.tracking.outbox import MANIFEST, Outbox
+from vaeexp.tracking.run import log_models
 
 
 def sync(folder: Path, uri: str | None = None) -> Outbox:

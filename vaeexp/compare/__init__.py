@@ -41,7 +41,6 @@ from vaeexp.compare.groups import BANDS, Group, grouping, make_groups
 from vaeexp.compare.page import FILMS, write_html
 from vaeexp.compare.parent import KEYS_TAG, grouping_label, log_groups
 from vaeexp.compare.runs import (
-    Row,
     collect,
     has_setting,
     iwae_key,
@@ -123,9 +122,7 @@ def report(
                 out,
                 title=title,
                 plots=[*plots, sheet],
-                notes=_notes(
-                    rows, filter_string, iwae_key(runs), grouping_label(by) if logged else None
-                ),
+                notes=_notes(filter_string, iwae_key(runs), grouping_label(by) if logged else None),
                 film_budget_mb=film_budget_mb,
             ),
         ]
@@ -141,9 +138,7 @@ def report(
     return files
 
 
-def _notes(
-    rows: list[Row], filter_string: str | None, iwae: str | None, logged_grouping: str | None
-) -> list[str]:
+def _notes(filter_string: str | None, iwae: str | None, logged_grouping: str | None) -> list[str]:
     """`logged_grouping`: the grouping of the group metrics this report logs to the parent run;
     None if it logs none."""
     notes = []
@@ -156,12 +151,6 @@ def _notes(
         notes.append(f"Runs matching the MLflow filter: {filter_string}")
     if iwae:
         notes.append(f"IWAE bound: {iwae}, the importance-weighted bound on the test NLL.")
-    legacy = sum(r.legacy_frame for r in rows)
-    if legacy:
-        notes.append(
-            f"{legacy} run(s) were logged before vaeexp wrote film/latent_final.png: their final "
-            "frame was read from MLflow's internal image file names."
-        )
     return notes
 
 

@@ -16,7 +16,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from vaeexp.config import identity
-from vaeexp.film.outputs import FILM_ARTIFACT, FILM_FOLDER, FINAL_FRAME_ARTIFACT
+from vaeexp.film.render import FILM_ARTIFACT, FILM_FOLDER, FINAL_FRAME_ARTIFACT
 from vaeexp.paths import PARENT_FILE, parent_run_id
 from vaeexp.tracking.store import search_all
 
@@ -42,7 +42,6 @@ class Row:
     curve: list[tuple[int, float]] = field(default_factory=list)
     frame: Path | None = None  # the final latent frame
     film: Path | None = None  # latent.gif
-    legacy_frame: bool = False  # the frame was found by MLflow's internal image file names
 
     @property
     def ok(self) -> bool:
@@ -90,8 +89,9 @@ def has_setting(run: Run, key: str) -> bool:
 def value_of(run: Run, key: str) -> str:
     """A setting's value: the logged param (the resolved config, spelled the same whichever
     sweep or command set it), else the override (a config group: `data` is `data.name`), else
-    empty (a run logged before that param existed). `tags.NAME` is a tag's value, such as
-    `tags.mlflow.source.git.commit` to tell runs before and after a change apart."""
+    empty (a run that logged no such param, as a job that failed before its run started).
+    `tags.NAME` is a tag's value, such as `tags.mlflow.source.git.commit` to tell runs before and
+    after a change apart."""
     if key.startswith(TAG):
         return run.data.tags.get(key.removeprefix(TAG), "")
     params = run.data.params
@@ -131,14 +131,6 @@ def collect(
     rows = [_row(run, keys, iwae) for run in runs]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(lambda r: _fetch(client, r, folder / r.run_id), rows))
-    legacy = sum(r.legacy_frame for r in rows)
-    if legacy:
-        log.warning(
-            "%d run(s) have no %s (logged before vaeexp wrote it): their last frame was read "
-            "from MLflow's image slider files, whose names MLflow may change",
-            legacy,
-            FINAL_FRAME_ARTIFACT,
-        )
     rows.sort(key=lambda r: (r.metrics.get("test/loss", math.inf), r.name))
     return rows
 
@@ -181,25 +173,10 @@ def _fetch(client: MlflowClient, row: Row, into: Path) -> None:
         films = {f.path for f in repo.list_artifacts(FILM_FOLDER)}
         if FINAL_FRAME_ARTIFACT in films:
             row.frame = Path(repo.download_artifacts(FINAL_FRAME_ARTIFACT, str(into)))
-        else:
-            row.frame = _legacy_frame(repo, into)
-            row.legacy_frame = row.frame is not None
         if FILM_ARTIFACT in films:
             row.film = Path(repo.download_artifacts(FILM_ARTIFACT, str(into)))
     except (mlflow.exceptions.MlflowException, OSError) as e:
         log.warning("run %s: its film could not be read (%s)", row.run_id, e)
-
-
-def _legacy_frame(repo, into: Path) -> Path | None:
-    """The last `latent` image of a run logged before vaeexp wrote its final frame, found by
-    MLflow's own file names for the image slider (images/latent+step+N+...png)."""
-    images = [f.path for f in repo.list_artifacts("images")]
-    latent = [p for p in images if p.startswith("images/latent+step+") and p.endswith(".png")]
-    try:
-        last = max(latent, key=lambda p: int(p.split("+")[2]), default=None)
-    except (IndexError, ValueError):  # a naming this code does not know
-        return None
-    return None if last is None else Path(repo.download_artifacts(last, str(into)))
 
 
 def parent_of_sweep(folder: Path) -> str:

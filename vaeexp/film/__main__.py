@@ -14,8 +14,7 @@ import mlflow
 
 from vaeexp import cli
 from vaeexp.film.frames import Frames, title
-from vaeexp.film.gif import writer
-from vaeexp.film.render import draw_film
+from vaeexp.film.render import draw_film, writer
 from vaeexp.validate import limits_ok
 
 PROG = "vaeexp.film"

@@ -1,7 +1,7 @@
 """The film's side of the training thread: which test images are filmed, and their encoder pass.
 
 The encoder pass is the one cost a frame cannot avoid, and done in the training thread it has
-all the cores to itself; everything after it is the worker's (vaeexp.film.worker).
+all the cores to itself; everything after it is the worker's (vaeexp.film.recorder.FilmWorker).
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from vaeexp import images
 from vaeexp.config import FilmPrecision
 from vaeexp.model import VAE
 
-CHUNK = 2000  # test images per encoder call: the fastest split on our CPUs
+# Test images per encoder call: products large enough to keep every core busy, and a call's
+# activations small enough to stay in cache.
+CHUNK = 2000
 
 
 def film_points(labels: torch.Tensor, points: int | None) -> np.ndarray:
@@ -79,8 +81,8 @@ class FilmedImages:
         x = test_x if everything else test_x[filmed]
         self.bf16 = use_bf16(precision, device)
         # bf16 makes the frame's encoder pass, the film's one cost inside the training loop,
-        # several times cheaper (bench/RESULTS.md, "The latent film"); the means move by a
-        # fraction of a pixel in the frame.
+        # cheaper where the CPU computes it natively; the means move by a fraction of a pixel in
+        # the frame.
         self.x = (x.bfloat16() if self.bf16 else x).to(device)
 
     def means(self, model: VAE) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""The film's raw frames on disk: latent means of the filmed test images at each frame's step.
+"""The film's frames: latent means of the filmed test images at each frame's step, on disk, and
+what a frame says in numbers (how well the means separate the classes, how many latent
+dimensions are in use) and in its title.
 
 Frames are appended to a file as they are captured, so memory stays flat however many there are,
 and packed at the end into one compressed `frames.npz` that anyone can re-render from.
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 F16_MAX = 65000.0  # means are kept as float16: ample precision to draw, half the size
+ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): a unit is active if Cov_x(E_q[z_u]) > 0.01
+QUERIES = 1000
 
 
 class FrameStore:
@@ -104,3 +108,47 @@ def title(step: int, epoch: int, epochs: int, losses: Sequence[float]) -> str:
         f"epoch {epoch}/{epochs}  step {step}  batch loss {recon + kl:.1f} "
         f"(recon {recon:.1f}, KL {kl:.1f})"
     )
+
+
+def knn_split(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (queries, references) indices for the kNN accuracy: the same points every frame."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n = min(QUERIES, len(labels) // 5)
+    return np.sort(order[:n]), np.sort(order[n:])
+
+
+def knn_accuracy(
+    means: np.ndarray, labels: np.ndarray, queries: np.ndarray, refs: np.ndarray, k: int
+) -> float:
+    """Share of query points whose k nearest reference points (Euclidean, in the latent space)
+    vote for their own label; ties go to the nearest of the tied labels."""
+    k = min(k, len(refs))
+    if means.shape[1] <= 8:  # a k-d tree prunes well in few dimensions
+        from scipy.spatial import cKDTree
+
+        x = means.astype(np.float64)
+        _, nearest = cKDTree(x[refs]).query(x[queries], k=k)
+        nearest = np.asarray(nearest).reshape(len(queries), k)
+    else:  # in many it visits most points anyway: brute force, as matrix products
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(means, np.float32))
+        r = x[refs]
+        r2 = r.square().sum(dim=1)[None]
+        nearest = torch.cat(  # |r|^2 - 2 q.r ranks as the distance does; in cache-sized blocks
+            [
+                torch.addmm(r2, q, r.T, alpha=-2).topk(k, dim=1, largest=False).indices
+                for q in x[queries].split(100)
+            ]
+        ).numpy()
+    votes = labels[refs][nearest]
+    n_classes = int(labels.max()) + 1
+    counts = np.zeros((len(queries), n_classes))
+    rank_weight = 1.0 - np.arange(k) / (2.0 * k)  # < 1: breaks ties only, towards the nearest
+    np.add.at(counts, (np.arange(len(queries))[:, None], votes), rank_weight)
+    return float((counts.argmax(axis=1) == labels[queries]).mean())
+
+
+def active_units(means: np.ndarray) -> int:
+    """Latent dimensions whose means vary over the images: the ones the decoder can use."""
+    return int((means.astype(np.float64).var(axis=0) > ACTIVE_THRESHOLD).sum())

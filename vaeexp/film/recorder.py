@@ -1,8 +1,11 @@
-"""The latent film of one run: captured in the training loop, drawn and logged off it.
+"""The latent film of one run: when it takes a frame, captured in the training loop, drawn and
+logged off it.
 
 At a frame's step the training thread encodes the filmed test images (vaeexp.film.capture) and
 queues the means; the frame's diagnostics, saving it, drawing, MLflow and the GIF happen in one
-worker thread (vaeexp.film.worker) while training goes on.
+worker thread (`FilmWorker`) while training goes on. Memory is flat: the queue holds at most
+`QUEUE_FRAMES` frames of latent means (training waits when it is full, as at the reference's
+every-step cadence), and frames go to disk.
 
 Frames are drawn as they come when their axes are known up front (latent_dim <= 2 with fixed
 limits). Otherwise (a PCA fitted on the last frame, or limits=auto) they are drawn when training
@@ -13,27 +16,176 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from vaeexp.config import Config
+from vaeexp.config import Config, FilmConfig
 from vaeexp.data import Dataset
 from vaeexp.film.capture import FilmedImages, film_points, to_host
-from vaeexp.film.frames import FrameStore
-from vaeexp.film.outputs import FilmOutputs
-from vaeexp.film.schedule import Schedule
-from vaeexp.film.worker import FilmError, FilmWorker
+from vaeexp.film.frames import FrameStore, active_units, knn_accuracy, knn_split
+from vaeexp.film.render import FilmOutputs
 from vaeexp.model import VAE
 from vaeexp.trainer import Callback, Logger
 
-__all__ = ["FilmError", "FilmRecorder", "film_points", "filming"]
+__all__ = ["FilmError", "FilmRecorder", "filming"]
 
 log = logging.getLogger(__name__)
+
+QUEUE_FRAMES = 64
+METRICS_SECONDS = 10.0
+# Where the film's time goes, logged when it ends: the capture in the training loop, then the
+# worker's parts; wall-clock seconds, so they differ from run to run.
+TIMING_METRICS = {
+    part: f"film/{part}_seconds" for part in ("capture", "diagnostics", "render", "log")
+}
+FRAMES_METRIC = "film/frames"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the film takes a frame: dense early, when the latent space forms, sparse later.
+    Steps count optimizer steps from 1; step 0 is the untrained model."""
+
+    steps_per_epoch: int
+    every_step_until: int | None  # None: every step of the run
+    every_n_steps: int
+    until_epoch: int
+
+    @classmethod
+    def from_config(cls, film: FilmConfig, steps_per_epoch: int) -> Schedule:
+        return cls(steps_per_epoch, film.every_step_until, film.every_n_steps, film.until_epoch)
+
+    def due(self, step: int) -> bool:
+        """Whether `step` gets a frame."""
+        if self.every_step_until is None or step <= self.every_step_until:
+            return True
+        if step % self.steps_per_epoch == 0:  # each epoch's end
+            return True
+        return step <= self.until_epoch * self.steps_per_epoch and step % self.every_n_steps == 0
+
+    def steps(self, epochs: int) -> list[int]:
+        """Every frame's step in a run of `epochs` epochs, step 0 included."""
+        return [s for s in range(epochs * self.steps_per_epoch + 1) if self.due(s)]
+
+
+class FilmError(RuntimeError):
+    """The film's worker failed; the message names the frame."""
+
+
+class FilmWorker:
+    """The film's worker thread: everything a frame needs after its encoder pass, off the
+    training loop. It saves the frame, computes its diagnostics, draws and logs it (when its axes
+    are known up front) while training goes on.
+
+    Takes ("latent" | "decoder", step, epoch, losses, payload) items until None; a latent
+    frame's losses and means arrive as `to_host` copies, read here. An OSError (a full disk,
+    say) stops the film and training goes on; any other error is kept in `error` for the
+    training thread to raise."""
+
+    def __init__(
+        self,
+        sink: Logger,
+        store: FrameStore,
+        outputs: FilmOutputs,
+        labels: np.ndarray,
+        order: np.ndarray,
+        knn_k: int,
+        live: bool,
+        timings: dict[str, float],
+    ) -> None:
+        self.sink, self.store, self.outputs = sink, store, outputs
+        self.labels, self.order, self.knn_k, self.live = labels, order, knn_k, live
+        self.timings = timings
+        self.queries, self.refs = knn_split(labels)
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES)
+        self.error: BaseException | None = None
+        self.stopped = ""  # why the film stopped early (an OSError), if it did
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.metrics_sent = time.monotonic()
+        self.thread = threading.Thread(target=self._work, name="vaeexp-film", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, item: tuple[str, int, int, Any, Any]) -> None:
+        """Queue a frame's work; blocks while the queue is full."""
+        self.queue.put(item)
+
+    def join(self) -> None:
+        """Let the worker finish what is queued, and wait for it."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def send_metrics(self) -> None:
+        """The frames' diagnostics so far, to the sink in step order."""
+        pending, self.metrics = self.metrics, {}
+        for step, values in sorted(pending.items()):
+            self.sink.log_metrics(values, step)
+        self.metrics_sent = time.monotonic()
+
+    def _work(self) -> None:
+        torch.set_num_threads(1)  # the kNN of wide latents uses torch; the cores are training's
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread has its own nice
+            # lowest priority: training's threads keep the cores, the film takes what is left
+            # (without it, training's OpenMP threads wait on a descheduled peer and steps slow)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        item = None
+        try:
+            while (item := self.queue.get()) is not None:
+                kind, step, epoch, losses, payload = item
+                if kind == "latent":
+                    self._frame(step, epoch, losses, payload)
+                else:
+                    self.outputs.decoder_frame(step, epoch, payload)
+                if time.monotonic() - self.metrics_sent > METRICS_SECONDS:
+                    self.send_metrics()
+        except OSError as e:  # a full disk, say: the film stops, training goes on
+            self.stopped = f"the film stopped at step {item[1] if item else '?'}: {e}"
+            log.warning("%s; training goes on without it", self.stopped)
+            self._drain()
+        except BaseException as e:  # a bug: training stops with it
+            step = item[1] if item else "?"
+            self.error = FilmError(f"film frame at step {step}: {type(e).__name__}: {e}")
+            self.error.__cause__ = e
+            self._drain()
+
+    def _drain(self) -> None:
+        while self.queue.get() is not None:  # never leave training blocked on a full queue
+            pass
+
+    def _frame(
+        self,
+        step: int,
+        epoch: int,
+        terms: Callable[[], np.ndarray],
+        means_on_host: Callable[[], np.ndarray],
+    ) -> None:
+        """`terms` and `means_on_host` wait for their copies off the device (vaeexp.film.capture
+        .to_host): training never does."""
+        losses = tuple(float(v) for v in terms())
+        started = time.perf_counter()
+        means = means_on_host()[self.order]
+        self.store.append(step, epoch, losses, means)
+        if np.isfinite(means).all():
+            self.metrics[step] = {
+                "film/knn_accuracy": knn_accuracy(
+                    means, self.labels, self.queries, self.refs, self.knn_k
+                ),
+                "film/active_units": float(active_units(means)),
+            }
+        self.timings["diagnostics"] += time.perf_counter() - started
+        if self.live:
+            self.outputs.draw(len(self.store.steps) - 1, step, epoch, losses, means)
 
 
 class FilmRecorder(Callback):
@@ -49,7 +201,7 @@ class FilmRecorder(Callback):
         device: torch.device,
     ) -> None:
         film = cfg.film
-        self.cfg, self.film, self.folder = cfg, film, folder
+        self.cfg, self.film, self.folder, self.sink = cfg, film, folder, sink
         self.schedule = Schedule.from_config(film, data.steps_per_epoch(cfg.batch_size))
         self.index = film_points(data.test_y, film.points)  # in drawing order
         filmed = np.sort(self.index)  # in test-set order, as they are encoded
@@ -60,7 +212,7 @@ class FilmRecorder(Callback):
         self.live = cfg.latent_dim <= 2 and film.limits != "auto"
         self.decoder_film = film.decoder and cfg.latent_dim == 2
         self.store = FrameStore(folder, len(self.index), cfg.latent_dim)
-        self.timings = {"capture": 0.0, "diagnostics": 0.0, "render": 0.0, "log": 0.0}
+        self.timings = dict.fromkeys(TIMING_METRICS, 0.0)
         self.outputs = FilmOutputs(cfg, sink, folder, self.labels, self.class_names, self.timings)
         self.worker = FilmWorker(
             sink, self.store, self.outputs, self.labels, order, film.knn_k, self.live, self.timings
@@ -159,16 +311,12 @@ class FilmRecorder(Callback):
         self.store.path.unlink(missing_ok=True)
 
     def _log_timings(self) -> None:
-        """Where a frame's time went (bench/film.py reads this line)."""
-        n = len(self.store.steps)
-        if n:
-            t = self.timings
-            log.info(
-                "film: %d frames; per frame %.1f ms capture (in the loop), and in the worker "
-                "%.1f ms diagnostics, %.1f ms render, %.1f ms log",
-                n,
-                *(1000 * t[k] / n for k in ("capture", "diagnostics", "render", "log")),
-            )
+        """Each part's seconds over all frames, and the number of frames, as metrics at the last
+        frame's step (bench/film.py reads them)."""
+        steps = self.store.steps
+        if steps:
+            seconds = {TIMING_METRICS[part]: t for part, t in self.timings.items()}
+            self.sink.log_metrics(seconds | {FRAMES_METRIC: float(len(steps))}, steps[-1])
 
     def _raise_if_failed(self) -> None:
         if self.worker.error is not None:

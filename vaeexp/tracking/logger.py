@@ -1,8 +1,9 @@
 """The trainer's logger (it only logs, by run id, through the outbox), and the epoch images.
 
-Every MLflow call costs milliseconds against a SQLite store, more than a training step, so step
-metrics are buffered and sent with `log_batch` at the end of each epoch (or every
-`FLUSH_SECONDS` inside a long one), and an epoch logs only what it produced.
+Every MLflow call is a round trip to the store (a SQLite transaction, or a request to a server)
+that takes longer than a training step, so step metrics are buffered and sent with `log_batch`
+at the end of each epoch (or every `FLUSH_SECONDS` inside a long one), and an epoch logs only
+what it produced.
 """
 
 from __future__ import annotations

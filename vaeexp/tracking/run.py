@@ -1,27 +1,32 @@
 """`tracked_run`: one MLflow run per training job, which always ends with a status: FINISHED,
-FAILED (its reason in the `failure_reason` tag) or KILLED."""
+FAILED (its reason in the `failure_reason` tag) or KILLED. What the run starts with: its whole
+config as params, and the tags that say where it came from; what a finished run exports: the two
+models, for `mlflow.pyfunc.load_model(...).predict` (images -> reconstructions, and latent codes
+-> images)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import torch
 from mlflow.entities import RunStatus
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from vaeexp.config import Config, TrackingConfig, run_name
+from vaeexp.config import Config, TrackingConfig, plain, run_name
 from vaeexp.data import Dataset
-from vaeexp.paths import sweep_folder
+from vaeexp.model import VAE
+from vaeexp.paths import PROJECT_ROOT, sweep_folder
 from vaeexp.process import REQUEUED
 from vaeexp.step import Diverged
-from vaeexp.tracking import record
-from vaeexp.tracking.export import log_models
 from vaeexp.tracking.links import how_to_open
 from vaeexp.tracking.logger import EpochImages, MlflowLogger
 from vaeexp.tracking.outbox import DeliveryIncomplete, Outbox
@@ -30,6 +35,84 @@ from vaeexp.trainer import Callback, Result
 
 log = logging.getLogger(__name__)
 FAILURE_TAGS = {"failure_reason", "diverged"}  # a failed run's, until it is resumed
+GIT_COMMIT = "mlflow.source.git.commit"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for k, v in tree.items():
+            out |= flatten(v, f"{prefix}{k}.")
+        return out
+    return {prefix.rstrip("."): str(tree)}
+
+
+def run_params(cfg: Config, data: Dataset, device: torch.device) -> dict[str, str]:
+    """The resolved config, flattened, and what was resolved at run time."""
+    return flatten(plain(cfg)) | {
+        "data.resolved": data.resolved,
+        "data.n_train": str(len(data.train_x)),
+        "data.n_test": str(len(data.test_x)),
+        "device.resolved": str(device),
+        "threads.resolved": str(torch.get_num_threads()),
+    }
+
+
+def git_tags(run_tags: dict[str, str]) -> dict[str, str]:
+    """What MLflow does not record: whether the checkout had uncommitted changes, and the commit
+    where MLflow could not find it (a launcher's worker, whose entry point is not in the repo)."""
+    try:
+        tags = {"git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no")))}
+        if GIT_COMMIT not in run_tags:
+            tags[GIT_COMMIT] = _git("rev-parse", "HEAD")
+        return tags
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True
+    ).stdout.strip()
+
+
+def output_tags(
+    overrides: list[str], output_dir: Path, data: Dataset, binarize: str
+) -> dict[str, str]:
+    """Where the run's files are and what it trained on."""
+    return {
+        "hydra_overrides": " ".join(overrides) or "(none)",
+        "output_dir": str(output_dir),
+        "data.resolved": data.resolved,
+        "data.binarize": binarize,  # likelihoods compare only within one choice
+    }
+
+
+def log_models(model: VAE, example: torch.Tensor) -> None:
+    """Log both models to the active run; `example` is a few images (n, 784)."""
+    _log_model(model, example, "model")
+    _log_model(_Decoder(model), torch.zeros(len(example), model.latent_dim), "decoder")
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z)
+
+
+def _log_model(module: torch.nn.Module, example: torch.Tensor, name: str) -> None:
+    with torch.no_grad():
+        output = module(example)
+    mlflow.pytorch.log_model(
+        module,
+        name=name,
+        input_example=example.numpy(),
+        signature=infer_signature(example.numpy(), output.numpy()),
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
 
 
 @dataclass
@@ -78,11 +161,11 @@ def tracked_run(
     mlflow.set_tracking_uri(tracking.uri)
     client = MlflowClient(tracking.uri)
     experiment_id = experiment_for(client, tracking)
-    tags = record.output_tags(overrides, output_dir, data, cfg.data.binarize.value)
+    tags = output_tags(overrides, output_dir, data, cfg.data.binarize.value)
     if tracking.parent_run_id:
         tags["mlflow.parentRunId"] = tracking.parent_run_id
         tags["sweep"] = str(sweep_folder() or "")
-    params = record.params(cfg, data, device)
+    params = run_params(cfg, data, device)
 
     resumed = bool(resume_run_id) and run_exists(client, resume_run_id)
     if resumed:
@@ -106,7 +189,7 @@ def tracked_run(
     logger = None
     status, failure = RunStatus.FINISHED, None
     try:
-        mlflow.set_tags(tags | record.git_tags(run.data.tags))
+        mlflow.set_tags(tags | git_tags(run.data.tags))
         mlflow.log_params(params)
         hydra_dir = output_dir / ".hydra"
         if hydra_dir.is_dir():
