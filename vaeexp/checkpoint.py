@@ -83,7 +83,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def saved_config(path: str | Path) -> dict[str, Any] | None:
     """The config of the checkpoint at `path` from the small file beside it, without loading
-    the checkpoint; None where there is none (a checkpoint written before it was kept)."""
+    the checkpoint; None where there is none (a state saved without its config)."""
     try:
         config = json.loads(Path(path).with_suffix(CONFIG_SUFFIX).read_text())
     except (OSError, ValueError):

@@ -39,7 +39,7 @@ WHERE_OR_HOW = (
 
 
 class Optimizer(Enum):
-    rmsprop = "rmsprop"  # Keras's rule: eps inside the square root, as the reference
+    rmsprop = "rmsprop"  # Keras's rule, as the reference (vaeexp.optim)
     adam = "adam"
 
 
@@ -166,8 +166,8 @@ class Config:
     optimizer: Optimizer = Optimizer.rmsprop
     lr: float = 1e-3
     rho: float = 0.9  # RMSprop decay
-    eps: float = 1e-7  # added inside the square root, as Keras does
-    # The loss the optimiser minimises; eps makes RMSprop scale-dependent (optim.py).
+    eps: float = 1e-7  # where Keras puts it: vaeexp.optim
+    # The loss the optimiser minimises (vaeexp.step.objective_weight says why it matters).
     objective_scale: ObjectiveScale = ObjectiveScale.per_pixel
     # beta: the KL term's weight in the optimised objective (beta-VAE); 1 optimises the ELBO.
     # Metrics stay the unweighted terms, so runs of different weights compare.
