@@ -212,7 +212,7 @@ def test_training_keeps_its_threads_when_the_film_starts_first():
             [sys.executable, "-c", code.replace("{tmp}", tmp)],
             capture_output=True,
             text=True,
-            cwd=Path(__file__).parents[1],
+            cwd=Path(__file__).parents[2],
             env=env,
         )
     assert filmed.returncode == 0, filmed.stderr[-2000:]
