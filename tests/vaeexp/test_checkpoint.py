@@ -1,10 +1,24 @@
+"""Checkpoints (vaeexp.checkpoint): written atomically, read back or refused with a clear error,
+and where a resumed run continues from: checkpoints written in-process under a runs/ folder of
+the test's own, and run ids in a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
 import pickle
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
+from tests.conftest import TINY, make_cfg
 from vaeexp import checkpoint
-from vaeexp.checkpoint import CheckpointError
+from vaeexp.checkpoint import CheckpointError, latest_matching, resolve
+from vaeexp.config import Config, plain, settings
 
 
 def test_round_trip_and_folder_lookup(tmp_path):
@@ -46,3 +60,126 @@ def test_foreign_files_refused(tmp_path):
         checkpoint.load(tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="no checkpoint here"):
         checkpoint.load(tmp_path / "missing")
+
+
+def cfg(*overrides: str) -> Config:
+    return settings(make_cfg(*TINY, "intermediate_dim=16", *overrides))
+
+
+def saved(runs: Path, folder: str, config: Config, mtime: float) -> Path:
+    """A checkpoint of `config` in runs/<folder>/, last written at `mtime`."""
+    path = runs / folder / checkpoint.FILENAME
+    checkpoint.save(path, {"epoch": 1, "config": plain(config)})
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path, store) -> Path:
+    return Path(store["VAEEXP_RUNS"])
+
+
+def test_auto_picks_the_newest_checkpoint_of_the_same_training(runs):
+    this = cfg()
+    older = saved(runs, "outputs/2024-01-01/10-00-00", cfg(), 1000)
+    # where and how it ran, and for how long, differ: the same training
+    newer = saved(
+        runs,
+        "multirun/2024-01-02/11-00-00/3",
+        cfg(
+            "epochs=7",
+            "threads=3",
+            "progress=true",
+            "device=cpu",
+            "tracking.experiment=elsewhere",
+            "tracking.uri=http://127.0.0.1:5000",
+            "data.root=/somewhere/else",
+            "iwae.images=0",
+        ),
+        2000,
+    )
+    saved(runs, "outputs/2024-01-03/09-00-00", cfg("latent_dim=8"), 3000)  # other trainings,
+    saved(runs, "outputs/2024-01-03/10-00-00", cfg("lr=0.01"), 4000)  # written later
+    saved(runs, "outputs/2024-01-03/11-00-00", cfg("data.binarize=static"), 5000)
+    assert resolve("auto", this, runs) == newer
+    os.utime(older, (6000, 6000))
+    assert latest_matching(this, runs) == older
+
+
+def test_auto_finds_nothing_to_continue(runs):
+    assert resolve("auto", cfg(), runs) is None  # no runs/ at all
+    saved(runs, "outputs/2024-01-03/09-00-00", cfg("latent_dim=8"), 3000)
+    saved(runs, "multirun/2024-01-03/10-00-00/0", cfg("lr=0.01"), 4000)
+    saved(runs, "elsewhere/2024-01-03/10-00-00", cfg(), 5000)  # not a run folder of ours
+    assert resolve("auto", cfg(), runs) is None
+    assert resolve("auto", cfg("latent_dim=8"), runs) is not None
+
+
+def test_auto_skips_a_corrupt_checkpoint_with_a_warning(runs, caplog):
+    good = saved(runs, "outputs/2024-01-01/10-00-00", cfg(), 1000)
+    corrupt = saved(runs, "outputs/2024-01-02/10-00-00", cfg(), 2000)
+    corrupt.write_bytes(corrupt.read_bytes()[:100])  # truncated
+    os.utime(corrupt, (2000, 2000))
+    with caplog.at_level(logging.WARNING, logger="vaeexp.checkpoint"):
+        assert resolve("auto", cfg(), runs) == good
+    [warning] = [r for r in caplog.records if r.name == "vaeexp.checkpoint"]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage().startswith(f"resume=auto: skipping {corrupt}: not a readable")
+
+
+def test_a_run_folder_or_a_checkpoint_resolves_to_the_file(runs, tmp_path):
+    path = saved(runs, "outputs/2024-01-01/10-00-00", cfg(), 1000)
+    assert resolve(str(path.parent), cfg(), runs) == path
+    assert resolve(str(path), cfg("latent_dim=8"), runs) == path  # named: taken as it is
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint here"):
+        resolve(str(tmp_path), cfg(), runs)
+
+
+@pytest.fixture
+def tracked(runs: Path, mlflow_store: tuple[MlflowClient, str], tmp_path: Path):
+    """(client, uri, experiment id) of a store of this test's own."""
+    client, uri = mlflow_store
+    return client, uri, client.create_experiment("vaeexp", str(tmp_path / "mlartifacts"))
+
+
+def test_a_run_id_resolves_through_its_output_dir_tag(runs, tracked):
+    client, uri, experiment = tracked
+    path = saved(runs, "outputs/2024-01-01/10-00-00", cfg(), 1000)
+    run_id = client.create_run(experiment, tags={"output_dir": str(path.parent)}).info.run_id
+    this = cfg()
+    this.tracking.uri = uri
+    assert resolve(run_id, this, runs) == path
+
+
+def test_a_run_id_that_cannot_be_resumed_says_why(runs, tracked):
+    client, uri, experiment = tracked
+    this = cfg()
+    this.tracking.uri = uri
+    unknown = "0123456789abcdef" * 2
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        resolve(unknown, this, runs)
+    assert str(error.value) == f"resume={unknown}: no such MLflow run in {uri}"
+    untagged = client.create_run(experiment).info.run_id
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        resolve(untagged, this, runs)
+    assert str(error.value) == f"resume={untagged}: the run has no output_dir tag"
+
+
+def test_auto_among_a_thousand_run_folders_reads_only_their_configs(tmp_path, caplog):
+    """Candidates are compared through the small config file beside each checkpoint; only the
+    match is loaded. The other checkpoints here are not even readable: loading one would warn."""
+    runs = tmp_path / "runs"
+    cfg = settings(make_cfg(*TINY))
+    other = plain(settings(make_cfg(*TINY, "latent_dim=3")))
+    for i in range(1000):
+        folder = runs / "outputs" / "2026-01-01" / f"{i:04d}"
+        folder.mkdir(parents=True)
+        (folder / checkpoint.FILENAME).write_bytes(b"not a checkpoint" * 1000)
+        (folder / f"checkpoint{checkpoint.CONFIG_SUFFIX}").write_text(json.dumps(other))
+    match = runs / "multirun" / "2026-01-01" / "00" / "0" / checkpoint.FILENAME
+    checkpoint.save(match, {"config": plain(cfg), "model": {}})
+    start = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        assert latest_matching(cfg, runs) == match
+    assert time.perf_counter() - start < 1.0
+    assert not caplog.records
