@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny data, a temporary MLflow store, and the CLI as a user runs it."""
+"""Shared fixtures: tiny data, a temporary MLflow store, and the CLI as a user runs it; and the
+`slow` mark on every test of the scenario folders (docs/running.md, "Tests")."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 
 # Under pytest-xdist (pyproject's addopts: two workers), one torch thread per worker and per
 # process it starts: two workers of torch's default threads on 2 cores spin against each other
-# (README, "Sweeps"). Set before anything imports torch.
+# (docs/sweeps.md, "Parallel jobs never oversubscribe the CPU"). Set before anything imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -34,6 +35,19 @@ from vaeexp.config import register
 from vaeexp.paths import CONF_DIR
 
 register()
+
+TESTS = Path(__file__).parent
+# Whole runs, sweeps, servers and signals, and the real cluster: slow, every one of them. Module
+# tests under tests/vaeexp/ that start a process are marked one by one.
+SLOW_FOLDERS = (TESTS / "scenarios", TESTS / "cluster")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(folder in item.path.parents for folder in SLOW_FOLDERS):
+            item.add_marker(pytest.mark.slow)
+
 
 # Small and fast: a few hundred of the bundled digits, no progress bar.
 TINY = [
@@ -304,7 +318,7 @@ def own_http_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class TeamServer:
-    """The README's team server, steps 1 and 2, on 127.0.0.1: MLflow's basic-auth app over
+    """The team server of docs/cluster.md, steps 1 and 2, on 127.0.0.1: MLflow's basic-auth app over
     `backend` (SQLite in `root` unless given), its users in `users`; the admin has made alice,
     who may write the experiment `vaeexp`, and bob, who may only read it (the default)."""
 

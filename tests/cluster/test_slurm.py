@@ -1,5 +1,5 @@
 """vaeexp.slurm on a real SLURM cluster, logging to a real `mlflow server` on PostgreSQL with
-MLflow's basic auth (README "Running on a cluster"): `tests/cluster/setup.sh` brings both up on
+MLflow's basic auth (docs/cluster.md): `tests/cluster/setup.sh` brings both up on
 this machine (CI runs it; these tests skip, saying why, where it has not run). Covers a sweep
 landing whole in MLflow with its user's credentials and nowhere else, a job requeued by SLURM
 and one signalled before its time limit, a request no node can hold, and Ctrl-C followed by
@@ -87,7 +87,8 @@ def postgres() -> Iterator[tuple[str, str]]:
 def server(
     postgres: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TeamServer]:
-    """The README's team server on 127.0.0.1 over those databases, serving artifacts itself."""
+    """The team server of docs/cluster.md on 127.0.0.1 over those databases, serving artifacts
+    itself."""
     runs, users = postgres
     team = TeamServer(tmp_path_factory.mktemp("server"), backend=runs, users=users)
     yield team

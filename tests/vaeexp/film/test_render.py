@@ -1,6 +1,6 @@
-"""The film's renderer (vaeexp.film.render), in-process: palette, where points land, the axes of
-a whole film, the fixed PCA basis and the decoder film's title strip. test_film.py covers the
-projection's fit and a point's exact pixel; these do not repeat it."""
+"""The film's renderer (vaeexp.film.render), in-process: palette, where points land (to the
+pixel), the axes of a whole film, the projection's fit and its fixed PCA basis, the decoder film's
+title strip, and the GIF writer."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from vaeexp.film.render import (
     TAB10,
     TITLE_HEIGHT,
     Canvas,
+    GifWriter,
     Projection,
     draw_film,
     fit_limits,
@@ -169,3 +170,44 @@ def test_decoder_frames_title_strip_and_grey_palette():
     image = Image.fromarray(framed, "P")
     image.putpalette(palette)  # as the decoder GIF does: index i is grey level i
     assert np.array_equal(np.asarray(image.convert("L")), framed)
+
+
+def gif_frames(path) -> int:
+    with Image.open(path) as gif:
+        return gif.n_frames
+
+
+def test_pca_is_fitted_once_and_labels_its_axes():
+    rng = np.random.default_rng(0)
+    last = rng.normal(size=(500, 8)) * np.array([5, 0.1, 2, 0.1, 0.1, 0.1, 0.1, 0.1])
+    p = Projection.fit(last)
+    assert p.kind == "pca" and p.explained[0] > 0.8 > p.explained[1] > 0.1
+    xy = p(last, np.zeros(500), np.zeros(500))
+    assert abs(np.corrcoef(xy[:, 0], last[:, 0])[0, 1]) > 0.99  # PC1: the widest axis
+    assert abs(np.corrcoef(xy[:, 1], last[:, 2])[0, 1]) > 0.99
+    assert p.axis_labels()[0].startswith("PC1 (")
+    assert Projection.fit(last[:, :2]).kind == "identity"
+    assert Projection.fit(last[:, :1]).kind == "value_by_class"
+
+
+def test_frames_land_where_the_axes_say(tmp_path):
+    canvas = Canvas([str(d) for d in range(10)], (-10, 10), (-10, 10), ("z[0]", "z[1]"))
+    xy = np.array([[0.0, 0.0], [5.0, -5.0], [50.0, 0.0]], np.float32)
+    image = canvas.render(xy, np.array([3, 7, 1]), "step 1")
+    rgb = np.asarray(image.convert("RGB"))
+    for (x, y), colour in zip(xy[:2], (3, 7), strict=True):
+        col, row = np.rint(np.array([x, y]) * canvas.ax_scale + canvas.ax_offset).astype(int)
+        assert tuple(rgb[row, col]) == _tab10()[colour]
+    assert image.mode == "P" and image.size == (640, 480)
+    gif = GifWriter(tmp_path / "f.gif", image.size, canvas.palette, fps=10)
+    for _ in range(3):
+        gif.add(canvas.render(xy, np.array([3, 7, 1]), "again"))
+    gif.close()
+    assert gif_frames(tmp_path / "f.gif") == 3
+    with Image.open(tmp_path / "f.gif") as g:
+        assert g.info["duration"] == 100 and g.info.get("loop") == 0
+        assert (np.asarray(g.convert("RGB"))[40:] == rgb[40:]).all()  # below the title: same
+
+
+def _tab10():
+    return [tuple(int(c) for c in row) for row in TAB10]

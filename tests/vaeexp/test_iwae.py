@@ -16,6 +16,7 @@ ARGS = [
 ]
 
 
+@pytest.mark.slow  # a run, then `python -m vaeexp.iwae`
 def test_iwae_reproduces_the_in_run_bound_and_logs_it(store):
     assert run_cli(*ARGS, env=store).returncode == 0
     client = MlflowClient(store["MLFLOW_TRACKING_URI"])
@@ -47,6 +48,7 @@ def test_iwae_reproduces_the_in_run_bound_and_logs_it(store):
     assert "test_nll_iwae_k200" not in client.get_run(run.info.run_id).data.metrics
 
 
+@pytest.mark.slow  # `python -m vaeexp.iwae`
 def test_unknown_run_is_a_clear_error(store):
     result = run_cli("0123456789abcdef", env=store, module="vaeexp.iwae")
     assert result.returncode != 0

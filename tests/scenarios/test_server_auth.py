@@ -1,9 +1,9 @@
-"""A team server that lets no one else in: MLflow's basic-auth app on 127.0.0.1, set up by the
-README's steps ("Running on a cluster", 1 and 2), one for the module. Credentials come from
-MLflow's own variables; refused ones and a read-only user stop a run before any data is loaded;
-sixteen jobs write through it at once and lose nothing; and a password reaches nothing a run
-writes. Suite time: one server of one worker, three CLI runs that stop before any data, two
-that stop at once, one tiny run that waits out a paused server, one sweep of sixteen tiny jobs."""
+"""A team server that lets no one else in: MLflow's basic-auth app on 127.0.0.1, set up by steps
+1 and 2 of docs/cluster.md, one for the module. Credentials come from MLflow's own variables;
+refused ones and a read-only user stop a run before any data is loaded; sixteen jobs write
+through it at once and lose nothing; and a password reaches nothing a run writes. Suite time:
+one server of one worker, three CLI runs that stop before any data, two that stop at once, one
+tiny run that waits out a paused server, one sweep of sixteen tiny jobs."""
 
 from __future__ import annotations
 

@@ -249,6 +249,7 @@ def test_films_past_the_budget_go_beside_the_page(store, tmp_path):
     assert "past the 0 MB embedding budget" in page
 
 
+@pytest.mark.slow  # Chromium, several times
 def test_page_loads_films_when_shown_and_sorts_groups_in_chromium(tmp_path, mlflow_store):
     browser = chromium()
     if browser is None:

@@ -1,4 +1,5 @@
-"""Every bad value is refused with one line naming the key, before data or MLflow is touched."""
+"""The config (vaeexp.config): every bad value is refused with one line naming the key, before
+data or MLflow is touched; and what names a run and what makes it another training."""
 
 import os
 import re
@@ -12,6 +13,7 @@ from tests.conftest import make_cfg, run_cli
 from vaeexp.config import Binarize, Optimizer, identity, plain, run_name, settings
 
 
+@pytest.mark.slow  # `python -m vaeexp` for each bad value
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -72,6 +74,7 @@ def test_bad_value_one_line_nonzero_nothing_created(store, override, expected):
     assert not Path(store["VAEEXP_DATA"]).exists()  # no data was loaded or downloaded
 
 
+@pytest.mark.slow  # three `python -m vaeexp` processes
 def test_help_cfg_and_info_work_like_any_hydra_app(store):
     help_ = run_cli("--help", env=store)
     assert (
@@ -112,6 +115,7 @@ def test_tracking_uri_defaults_to_project_store_and_env_overrides(monkeypatch, t
     assert make_cfg("tracking.uri=sqlite:////x.db").tracking.uri == "sqlite:////x.db"
 
 
+@pytest.mark.slow  # two `python -m vaeexp -m`
 def test_dry_run_validates_every_job_of_a_sweep_without_training(store):
     ok = run_cli("-m", "latent_dim=2,8", "batch_size=50,100", "dry_run=true", env=store)
     assert ok.returncode == 0, ok.stderr
@@ -126,6 +130,7 @@ def test_dry_run_validates_every_job_of_a_sweep_without_training(store):
     assert not Path(store["VAEEXP_DATA"]).exists()
 
 
+@pytest.mark.slow  # a Python process per command
 @pytest.mark.parametrize(
     "command",
     [
@@ -160,3 +165,19 @@ def test_kl_settings_are_part_of_what_a_run_trains(override):
     assert identity(other) != identity(default)
     assert identity([override, "tracking.uri=x"]) == [tuple(override.split("="))]
     assert run_name(["epochs=5", override]) == f"epochs=5,{override}"
+
+
+def test_run_name_keeps_what_changes_training():
+    overrides = [
+        "latent_dim=8",
+        "+foo=1",
+        "tracking.uri=x",
+        "runtime.progress=false",
+        "data=kmnist",
+        "hydra.run.dir=/x",
+        "runtime.device=cpu",
+        "resume=/a/b",
+        "iwae.k=5",
+    ]
+    assert run_name(overrides) == "latent_dim=8,foo=1,data=kmnist"
+    assert run_name([]) == "defaults"

@@ -1,6 +1,6 @@
 """The comparison report (vaeexp/compare/) of a real seed-replicated sweep with diverging jobs,
 through the launching process's callback and through `python -m vaeexp.compare`, opened in
-Chromium. tests/test_compare_groups.py checks the grouping on made-up sweeps."""
+Chromium. tests/vaeexp/compare/test_groups.py checks the grouping on made-up sweeps."""
 
 from __future__ import annotations
 

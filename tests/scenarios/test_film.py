@@ -1,25 +1,20 @@
-"""The latent film (vaeexp/film/): schedule, drawing, GIF, diagnostics, and whole runs through
-`python -m vaeexp` read back from a real MLflow store."""
+"""The latent film (vaeexp/film/) in whole runs through `python -m vaeexp` and its re-render
+through `python -m vaeexp.film`, read back from a real MLflow store. Its parts, in-process:
+tests/vaeexp/film/."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import TINY, env_for, only_run, run_cli
-from vaeexp.film.capture import film_points
-from vaeexp.film.frames import Frames, active_units, knn_accuracy, knn_split
-from vaeexp.film.recorder import FRAMES_METRIC, TIMING_METRICS, Schedule
-from vaeexp.film.render import FINAL_FRAME, FINAL_FRAME_ARTIFACT, Canvas, GifWriter, Projection
+from vaeexp.film.frames import Frames
+from vaeexp.film.recorder import FRAMES_METRIC, TIMING_METRICS
+from vaeexp.film.render import FINAL_FRAME, FINAL_FRAME_ARTIFACT
 
 # 400 images / 50 = 8 steps an epoch
 QUICK = [*TINY, "intermediate_dim=64", "batch_size=50", "tracking.log_model=false"]
@@ -36,83 +31,6 @@ def image_steps(client, run_id: str, key: str) -> list[int]:
 def gif_frames(path: Path) -> int:
     with Image.open(path) as gif:
         return gif.n_frames
-
-
-# ---- units ---------------------------------------------------------------------------------
-
-
-def test_schedule_dense_early_sparse_later():
-    s = Schedule(steps_per_epoch=100, every_step_until=3, every_n_steps=25, until_epoch=2)
-    assert s.steps(4) == [0, 1, 2, 3, 25, 50, 75, 100, 125, 150, 175, 200, 300, 400]
-    every = Schedule(100, None, 25, 2)  # the reference: every step
-    assert every.steps(2) == list(range(201))
-    odd = Schedule(7, 0, 5, 1)  # epoch ends are always filmed, off the N-step grid too
-    assert odd.steps(3) == [0, 5, 7, 14, 21]
-
-
-def test_points_are_stratified_and_fixed():
-    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)
-    idx = film_points(labels, 100)
-    assert len(set(idx.tolist())) == 100
-    assert np.bincount(labels.numpy()[idx]).tolist() == [50, 30, 20]
-    assert (film_points(labels, 100) == idx).all()  # not the run's seed
-    assert sorted(film_points(labels, None).tolist()) == list(range(1000))
-
-
-def test_knn_accuracy_and_active_units():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), 100)
-    centres = rng.normal(size=(10, 8)) * 100
-    separated = centres[labels] + rng.normal(size=(1000, 8))
-    queries, refs = knn_split(labels)
-    assert knn_accuracy(separated, labels, queries, refs, k=5) == 1.0
-    noise = rng.normal(size=(1000, 8))
-    assert knn_accuracy(noise, labels, queries, refs, k=5) < 0.3
-    wide = np.concatenate([separated, noise], axis=1)  # 16 dims: the brute-force path
-    assert knn_accuracy(wide, labels, queries, refs, k=5) == 1.0
-    collapsed = np.concatenate([noise[:, :3], np.full((1000, 5), 0.3)], axis=1)
-    assert active_units(collapsed) == 3
-
-
-def test_pca_is_fitted_once_and_labels_its_axes():
-    rng = np.random.default_rng(0)
-    last = rng.normal(size=(500, 8)) * np.array([5, 0.1, 2, 0.1, 0.1, 0.1, 0.1, 0.1])
-    p = Projection.fit(last)
-    assert p.kind == "pca" and p.explained[0] > 0.8 > p.explained[1] > 0.1
-    xy = p(last, np.zeros(500), np.zeros(500))
-    assert abs(np.corrcoef(xy[:, 0], last[:, 0])[0, 1]) > 0.99  # PC1: the widest axis
-    assert abs(np.corrcoef(xy[:, 1], last[:, 2])[0, 1]) > 0.99
-    assert p.axis_labels()[0].startswith("PC1 (")
-    assert Projection.fit(last[:, :2]).kind == "identity"
-    assert Projection.fit(last[:, :1]).kind == "value_by_class"
-
-
-def test_frames_land_where_the_axes_say(tmp_path):
-    canvas = Canvas([str(d) for d in range(10)], (-10, 10), (-10, 10), ("z[0]", "z[1]"))
-    xy = np.array([[0.0, 0.0], [5.0, -5.0], [50.0, 0.0]], np.float32)
-    image = canvas.render(xy, np.array([3, 7, 1]), "step 1")
-    rgb = np.asarray(image.convert("RGB"))
-    for (x, y), colour in zip(xy[:2], (3, 7), strict=True):
-        col, row = np.rint(np.array([x, y]) * canvas.ax_scale + canvas.ax_offset).astype(int)
-        assert tuple(rgb[row, col]) == _tab10()[colour]
-    assert image.mode == "P" and image.size == (640, 480)
-    gif = GifWriter(tmp_path / "f.gif", image.size, canvas.palette, fps=10)
-    for _ in range(3):
-        gif.add(canvas.render(xy, np.array([3, 7, 1]), "again"))
-    gif.close()
-    assert gif_frames(tmp_path / "f.gif") == 3
-    with Image.open(tmp_path / "f.gif") as g:
-        assert g.info["duration"] == 100 and g.info.get("loop") == 0
-        assert (np.asarray(g.convert("RGB"))[40:] == rgb[40:]).all()  # below the title: same
-
-
-def _tab10():
-    from vaeexp.film.render import TAB10
-
-    return [tuple(int(c) for c in row) for row in TAB10]
-
-
-# ---- whole runs ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +57,7 @@ def test_schedule_frames_reach_mlflow(filmed):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == expected
     knn = client.get_metric_history(run.info.run_id, "film/knn_accuracy")
-    assert all(0 <= m.value <= 1 for m in knn)  # its value: test_knn_accuracy_and_active_units
+    assert all(0 <= m.value <= 1 for m in knn)  # its value: film/test_frames.py
     units = client.get_metric_history(run.info.run_id, "film/active_units")
     assert all(0 <= m.value <= 2 for m in units)
 
@@ -189,44 +107,6 @@ def test_film_does_not_change_training(filmed):
         assert on == off and on, key
     assert not image_steps(client, off_run.info.run_id, "latent")
     assert not client.list_artifacts(off_run.info.run_id, "film")
-
-
-def test_training_keeps_its_threads_when_the_film_starts_first():
-    """torch fixes a thread's thread count at its first parallel op from a process-wide value
-    that the film's worker lowers: the training thread must not inherit it."""
-    code = (
-        "import torch\n"
-        "from tests.conftest import make_cfg\n"
-        "from vaeexp.data import load_data\n"
-        "from vaeexp.film import FilmRecorder\n"
-        "cfg = make_cfg('data=mnist_bundled', 'runtime.film_precision=fp32')\n"  # no torch op yet
-        "data = load_data(cfg.data)\n"
-        "class Sink:\n"
-        "    def __getattr__(self, name): return lambda *a, **k: None\n"
-        "r = FilmRecorder(cfg, data, Sink(), __import__('pathlib').Path('{tmp}'), "
-        "torch.device('cpu'))\n"
-        "import time; time.sleep(0.5)\n"
-        "print(torch.get_num_threads())\n"
-        "r.finish()\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's own count
-    fresh = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        filmed = subprocess.run(
-            [sys.executable, "-c", code.replace("{tmp}", tmp)],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parents[1],
-            env=env,
-        )
-    assert filmed.returncode == 0, filmed.stderr[-2000:]
-    assert filmed.stdout.split()[-1] == fresh.stdout.strip()
 
 
 def test_pca_film_for_latent_dim_8_and_rerender(tmp_path):

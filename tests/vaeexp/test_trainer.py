@@ -176,6 +176,7 @@ print(torch.get_num_threads(), seen["main"], seen["openmp"], seen["thread"])
 """
 
 
+@pytest.mark.slow  # a Python process that imports torch
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_cpu_settings_flush_subnormals_in_every_thread_or_none(mode):
     import subprocess

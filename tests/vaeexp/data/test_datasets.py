@@ -142,6 +142,7 @@ def test_truncated_file_in_the_cache_is_named(tmp_path, cut):
     assert "delete it" in str(e.value)
 
 
+@pytest.mark.slow  # `python -m vaeexp`
 def test_a_run_on_a_damaged_cache_ends_in_one_line(tmp_path, store):
     raw = tmp_path / "data" / "MNIST" / "raw"  # the store fixture's VAEEXP_DATA
     write_fake_idx_set(raw, gzipped=False)
