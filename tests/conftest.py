@@ -42,11 +42,20 @@ TESTS = Path(__file__).parent
 SLOW_FOLDERS = (TESTS / "scenarios", TESTS / "cluster")
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marks
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marks, and xdist groups by them
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(folder in item.path.parents for folder in SLOW_FOLDERS):
             item.add_marker(pytest.mark.slow)
+        # The tests that share a module's own fixture (a whole run, a sweep, a venv) run on one
+        # worker, so that it is built once, not once a worker.
+        shared = sorted(
+            name
+            for name, defs in item._fixtureinfo.name2fixturedefs.items()
+            if defs[-1].scope == "module" and defs[-1].baseid == item.parent.nodeid
+        )
+        if shared and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"{item.parent.nodeid}::{shared[0]}"))
 
 
 # Small and fast: a few hundred of the bundled digits, no progress bar.
