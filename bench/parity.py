@@ -10,7 +10,6 @@ For each seed, one 50-epoch run of each side on the full Fashion-MNIST, read at 
 Test loss is the negative ELBO in nats per image with one z sample (Keras's val_loss x 784).
 Keras and JAX are not vaeexp dependencies: pass the Python that has them (see
 keras_reference.py), e.g. `python bench/parity.py --keras-python /opt/keras/bin/python`.
-Takes ~20 minutes on 2 cores with 3 seeds.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ repetitions, and reported as medians and ratios: these machines are noisy, absol
 not comparable between runs. Needs the full Fashion-MNIST from the Debian package
 `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`).
 
-    python bench/run.py            # everything (~10 minutes on 2 cores)
-    python bench/run.py --quick    # epoch timings and start-up only (~3 minutes)
+    python bench/run.py            # everything
+    python bench/run.py --quick    # epoch timings and start-up only
 """
 
 from __future__ import annotations
