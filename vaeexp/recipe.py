@@ -56,7 +56,8 @@ class Member:
     output_dir: Path
     resume: dict[str, Any] | None = None  # the checkpoint it continues
     adopted_run_id: str | None = None  # its unfinished run, stopped before a first checkpoint
-    finished_loss: float | None = None  # trained and finished already: its final test loss
+    finished: bool = False  # trained and finished already: nothing to train
+    test_loss: float | None = None  # its final test loss, once known
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -80,6 +81,9 @@ def recipe_main(cfg: DictConfig) -> list[float]:
 
 
 class Recipe:
+    """The steps of one job, in order: `plan`, `run`, `finish`; a context manager, so that
+    whatever happens in between, every MLflow run it opened ends with a status."""
+
     def __init__(self, cfg: DictConfig) -> None:
         hc = HydraConfig.get()
         self.cfg = cfg
@@ -128,7 +132,7 @@ class Recipe:
         self.members = [member]
 
     def run(self) -> None:
-        to_train = [m for m in self.members if m.finished_loss is None]
+        to_train = [m for m in self.members if not m.finished]
         if not to_train:
             return
         # The members of a job share their data. In a sweep, the launching process has said
@@ -144,6 +148,7 @@ class Recipe:
             cfg, result, test_x = trained.member.cfg, trained.result, self.data.test_x
             final = iwae_metrics(result.model, test_x, cfg.iwae.k, cfg.iwae.images)
             trained.final_metrics = final
+            trained.member.test_loss = float(result.metrics["test/loss"])
             trained.run.finish(result, test_x, final, trained.member.checkpoint_path)
         self._runs.close()  # each run ends FINISHED, its last metrics delivered
         if not self.multirun:  # a sweep ends with one summary of its own (vaeexp.sweep)
@@ -151,10 +156,7 @@ class Recipe:
                 run, folder = trained.run, str(trained.member.output_dir)
                 metrics = trained.result.metrics | trained.final_metrics
                 print(run_summary(run.name, run.run_id, "finished", metrics, folder, run.opener()))
-        losses = {id(t.member): float(t.result.metrics["test/loss"]) for t in self.trained}
-        return [
-            m.finished_loss if m.finished_loss is not None else losses[id(m)] for m in self.members
-        ] or [float("nan")]  # a dry run
+        return [m.test_loss for m in self.members] or [float("nan")]  # a dry run has none
 
     def _train(self, member: Member, data: Dataset) -> Trained:
         cfg, device = member.cfg, self.device
@@ -211,4 +213,5 @@ def _plan_resume(member: Member) -> None:
             f"vaeexp: {done} ({member.resume['mlflow_run_id']}) already trained its "
             f"{member.resume['epoch']} epochs and finished: nothing to train"
         )
-        member.finished_loss = float(member.resume["metrics"]["test/loss"])
+        member.finished = True
+        member.test_loss = float(member.resume["metrics"]["test/loss"])

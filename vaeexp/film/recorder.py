@@ -94,7 +94,7 @@ class FilmWorker:
 
     def __init__(
         self,
-        sink: Logger,
+        logger: Logger,
         store: FrameStore,
         outputs: FilmOutputs,
         labels: np.ndarray,
@@ -103,7 +103,7 @@ class FilmWorker:
         live: bool,
         timings: dict[str, float],
     ) -> None:
-        self.sink, self.store, self.outputs = sink, store, outputs
+        self.logger, self.store, self.outputs = logger, store, outputs
         self.labels, self.order, self.knn_k, self.live = labels, order, knn_k, live
         self.timings = timings
         self.queries, self.refs = knn_split(labels)
@@ -127,10 +127,10 @@ class FilmWorker:
         self.thread.join()
 
     def send_metrics(self) -> None:
-        """The frames' diagnostics so far, to the sink in step order."""
+        """The frames' diagnostics so far, to the logger, in step order."""
         pending, self.metrics = self.metrics, {}
         for step, values in sorted(pending.items()):
-            self.sink.log_metrics(values, step)
+            self.logger.log_metrics(values, step)
         self.metrics_sent = time.monotonic()
 
     def _work(self) -> None:
@@ -196,12 +196,12 @@ class FilmRecorder(Callback):
         self,
         cfg: Config,
         data: Dataset,
-        sink: Logger,
+        logger: Logger,
         folder: Path,
         device: torch.device,
     ) -> None:
         film = cfg.film
-        self.cfg, self.film, self.folder, self.sink = cfg, film, folder, sink
+        self.cfg, self.film, self.folder, self.logger = cfg, film, folder, logger
         self.schedule = Schedule.from_config(film, data.steps_per_epoch(cfg.batch_size))
         self.index = film_points(data.test_y, film.points)  # in drawing order
         filmed = np.sort(self.index)  # in test-set order, as they are encoded
@@ -213,9 +213,16 @@ class FilmRecorder(Callback):
         self.decoder_film = film.decoder and cfg.latent_dim == 2
         self.store = FrameStore(folder, len(self.index), cfg.latent_dim)
         self.timings = dict.fromkeys(TIMING_METRICS, 0.0)
-        self.outputs = FilmOutputs(cfg, sink, folder, self.labels, self.class_names, self.timings)
+        self.outputs = FilmOutputs(cfg, logger, folder, self.labels, self.class_names, self.timings)
         self.worker = FilmWorker(
-            sink, self.store, self.outputs, self.labels, order, film.knn_k, self.live, self.timings
+            logger,
+            self.store,
+            self.outputs,
+            self.labels,
+            order,
+            film.knn_k,
+            self.live,
+            self.timings,
         )
         # torch fixes a thread's thread count at its first parallel op, from a process-wide value
         # that the worker's set_num_threads(1) changes: settle the training thread's first, or it
@@ -316,7 +323,7 @@ class FilmRecorder(Callback):
         steps = self.store.steps
         if steps:
             seconds = {TIMING_METRICS[part]: t for part, t in self.timings.items()}
-            self.sink.log_metrics(seconds | {FRAMES_METRIC: float(len(steps))}, steps[-1])
+            self.logger.log_metrics(seconds | {FRAMES_METRIC: float(len(steps))}, steps[-1])
 
     def _raise_if_failed(self) -> None:
         if self.worker.error is not None:
@@ -325,13 +332,13 @@ class FilmRecorder(Callback):
 
 @contextmanager
 def filming(
-    cfg: Config, data: Dataset, sink: Logger, folder: Path, device: torch.device
+    cfg: Config, data: Dataset, logger: Logger, folder: Path, device: torch.device
 ) -> Iterator[FilmRecorder | None]:
     """The run's film, finished whatever happens: a stopped run keeps what was filmed."""
     if not cfg.film.enabled:
         yield None
         return
-    recorder = FilmRecorder(cfg, data, sink, folder, device)
+    recorder = FilmRecorder(cfg, data, logger, folder, device)
     try:
         yield recorder
     except BaseException:

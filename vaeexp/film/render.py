@@ -350,13 +350,13 @@ class FilmOutputs:
     def __init__(
         self,
         cfg: Config,
-        sink: Logger,
+        logger: Logger,
         folder: Path,
         labels: np.ndarray,
         class_names: Sequence[str],
         timings: dict[str, float],
     ) -> None:
-        self.cfg, self.film, self.sink, self.folder = cfg, cfg.film, sink, folder
+        self.cfg, self.film, self.logger, self.folder = cfg, cfg.film, logger, folder
         self.labels, self.class_names, self.timings = labels, class_names, timings
         self.canvas: Canvas | None = None
         self.projection: Projection | None = None
@@ -398,7 +398,7 @@ class FilmOutputs:
     def emit(self, frame_no: int, step: int, image: Any) -> None:
         """A drawn frame to MLflow's slider and (every stride-th) to the GIF / MP4."""
         started = time.perf_counter()
-        self.sink.log_image(image, "latent", step)
+        self.logger.log_image(image, "latent", step)
         self.final_image = image
         if frame_no % self.film.stride == 0:
             for out in self._latent_writers():
@@ -452,4 +452,4 @@ class FilmOutputs:
         """The films, their last frame and frames.npz that were written, to the run's film/."""
         for name in ARTIFACTS:
             if (self.folder / name).is_file():
-                self.sink.log_artifact(self.folder / name, FILM_FOLDER)
+                self.logger.log_artifact(self.folder / name, FILM_FOLDER)

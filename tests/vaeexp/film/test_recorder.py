@@ -34,9 +34,9 @@ def test_training_keeps_its_threads_when_the_film_starts_first():
         "from vaeexp.film import FilmRecorder\n"
         "cfg = make_cfg('data=mnist_bundled', 'runtime.film_precision=fp32')\n"  # no torch op yet
         "data = load_data(cfg.data)\n"
-        "class Sink:\n"
+        "class Discard:\n"
         "    def __getattr__(self, name): return lambda *a, **k: None\n"
-        "r = FilmRecorder(cfg, data, Sink(), __import__('pathlib').Path('{tmp}'), "
+        "r = FilmRecorder(cfg, data, Discard(), __import__('pathlib').Path('{tmp}'), "
         "torch.device('cpu'))\n"
         "import time; time.sleep(0.5)\n"
         "print(torch.get_num_threads())\n"
