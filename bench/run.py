@@ -324,7 +324,7 @@ def main() -> None:
             for flush in (True, False):
                 late[flush].append(late_epoch_seconds(tmp / "late", flush))
         row(
-            "5. flush_denormal=false: epochs 8-10 vs default",
+            "5. runtime.flush_denormal=false: epochs 8-10 vs default",
             f"{median(late[False]) / median(late[True]):.3f}",
             f"{median(late[False]):.2f} s vs {median(late[True]):.2f} s per epoch",
         )

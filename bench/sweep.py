@@ -45,7 +45,11 @@ def main() -> None:
             "threads split automatically",
         ),
         ("speed-up joblib vs serial", f"{serial / joblib:.2f}x", f"goal >= 1.6x; runs: {runs}"),
-        ("4-job sweep, serial, threads=1: wall (s)", f"{serial1:.1f}", "one thread per job"),
+        (
+            "4-job sweep, serial, runtime.threads=1: wall (s)",
+            f"{serial1:.1f}",
+            "one thread per job",
+        ),
         (
             "ceiling of side-by-side jobs: 2 x serial / serial-1",
             f"{2 * serial / serial1:.2f}x",

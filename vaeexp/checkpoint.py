@@ -162,7 +162,14 @@ class Checkpoints:
             save(self.path, state | self.extra)
 
 
-def training_state(cfg: Config, model, optimizer, pos: Position, metrics, device) -> dict:
+def training_state(
+    cfg: Config,
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    pos: Position,
+    metrics: dict[str, float],
+    device: torch.device,
+) -> dict[str, Any]:
     """Everything a checkpoint holds to continue exactly: weights, optimizer, RNG, position."""
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -182,7 +189,13 @@ def training_state(cfg: Config, model, optimizer, pos: Position, metrics, device
     }
 
 
-def restore_state(state, cfg: Config, model, optimizer, device) -> tuple[Position, dict]:
+def restore_state(
+    state: dict[str, Any],
+    cfg: Config,
+    model: VAE,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> tuple[Position, dict[str, float]]:
     """Load a checkpoint into `model` and `optimizer`; the config's lr, rho, eps win."""
     saved = state["config"]
     for key in ARCHITECTURE:

@@ -139,8 +139,9 @@ class FilmConfig:
 
 @dataclass
 class RuntimeConfig:
-    """The machine's knobs: how fast and where a run trains, not what it trains. A researcher
-    compares the other settings; these are set once for a machine."""
+    """The machine's knobs: how fast and where a run trains, set once for a machine rather than
+    compared. device, threads and progress are left out of a run's identity (WHERE_OR_HOW); the
+    others change the numbers a little, so they stay in it."""
 
     device: Device = Device.auto
     threads: int = 0  # torch intra-op threads; 0: automatic
@@ -232,7 +233,12 @@ def identity(of, *, epochs=True):
     if isinstance(of, dict):
         return _without(of, left_out)
     pairs = [o.lstrip("+~").split("=", 1) for o in of if "=" in o]
-    return [(k, v) for k, v in pairs if not any(k == x or k.startswith(f"{x}.") for x in left_out)]
+    return [(k, v) for k, v in pairs if not _left_out(k, left_out)]
+
+
+def _left_out(key: str, left_out: tuple[str, ...]) -> bool:
+    """A dotted key under one of `left_out`, or a group of Hydra's own (`hydra/launcher=...`)."""
+    return key.startswith("hydra/") or any(key == x or key.startswith(f"{x}.") for x in left_out)
 
 
 def run_name(overrides: Sequence[str], sep: str = ",") -> str:

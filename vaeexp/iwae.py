@@ -9,6 +9,7 @@ from __future__ import annotations
 import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from vaeexp import checkpoint, cli
 from vaeexp.config import Config, register
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint.CheckpointError,
         DataUnavailable,
         mlflow.exceptions.MlflowException,
+        OmegaConfBaseException,  # a config this vaeexp's schema does not know
         OSError,
     ) as e:
         cli.fail(PROG, f"run {args.run_id}: {str(e).splitlines()[0]}")

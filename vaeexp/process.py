@@ -121,9 +121,10 @@ def cpu_settings(flush_denormal: bool, threads: int = 0) -> None:
 
 
 def job_threads(threads: int, launcher: Any = None) -> int:
-    """torch threads for this job: `threads` if set; else, under a launcher that runs jobs side by
-    side (its Hydra config: `launcher`), this job's share of the cores, since oversubscribed
-    OpenMP threads spin against each other; else 0, torch's default (one per core)."""
+    """torch threads for this job: `runtime.threads` if set; else, under a launcher that runs
+    jobs side by side (its Hydra config: `launcher`), this job's share of the cores, since
+    oversubscribed OpenMP threads spin against each other; else 0, torch's default (one per
+    core)."""
     if threads:
         return threads
     launcher = launcher or {}

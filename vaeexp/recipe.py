@@ -72,7 +72,7 @@ class Trained:
     final_metrics: dict[str, float] = field(default_factory=dict)  # what only the end measures
 
 
-def recipe_main(cfg: DictConfig) -> list[float]:
+def recipe_main(cfg: DictConfig) -> list[float | None]:
     """Train the job Hydra composed; the final test loss of each member, which sweepers minimise."""
     with Recipe(cfg) as recipe:
         recipe.plan()
@@ -143,7 +143,7 @@ class Recipe:
         for member in to_train:
             self.trained.append(self._train(member, self.data))
 
-    def finish(self) -> list[float]:
+    def finish(self) -> list[float | None]:
         for trained in self.trained:
             cfg, result, test_x = trained.member.cfg, trained.result, self.data.test_x
             final = iwae_metrics(result.model, test_x, cfg.iwae.k, cfg.iwae.images)
@@ -160,7 +160,7 @@ class Recipe:
 
     def _train(self, member: Member, data: Dataset) -> Trained:
         cfg, device = member.cfg, self.device
-        continued = member.resume["mlflow_run_id"] if member.resume else member.adopted_run_id
+        continued = member.resume.get("mlflow_run_id") if member.resume else member.adopted_run_id
         run = self._runs.enter_context(
             tracked_run(cfg, data, device, member.output_dir, member.overrides, continued)
         )

@@ -34,7 +34,7 @@ _CURRENT: dict[str, str] = {}
 def sweep_tag(overrides: list[str]) -> str:
     """A sweep command's identity (`config.identity` of its overrides, in any order) as a short
     tag that MLflow can search: two commands with the same tag are one sweep for `resume=auto`."""
-    kept = sorted(f"{k}={v}" for k, v in identity(overrides))
+    kept = sorted(o for o in overrides if "=" not in o or identity([o]))  # `~film` included
     return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:16]
 
 
@@ -76,10 +76,10 @@ def _again() -> str:
     return f"python -m vaeexp {shlex.join(args)}"
 
 
-def _earlier_parent(client: Any, experiment: str, identity: str) -> Any:
+def _earlier_parent(client: Any, experiment: str, tag: str) -> Any:
     found = client.search_runs(
         [experiment],
-        f"tags.sweep_identity = '{identity}'",
+        f"tags.sweep_identity = '{tag}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -137,8 +137,8 @@ class SweepRun(Callback):
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
-        identity = sweep_tag(overrides)
-        earlier = _earlier_parent(client, experiment, identity) if config.resume == "auto" else None
+        tag = sweep_tag(overrides)
+        earlier = _earlier_parent(client, experiment, tag) if config.resume == "auto" else None
         if earlier is not None:
             parent = _continue(client, earlier, folder)
         else:
@@ -150,7 +150,7 @@ class SweepRun(Callback):
                 tags={
                     "sweep": str(folder),
                     "hydra_overrides": " ".join(overrides),
-                    "sweep_identity": identity,
+                    "sweep_identity": tag,
                 },
             ).info.run_id
             client.log_param(parent, "sweep.overrides", " ".join(overrides))

@@ -12,7 +12,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import env_for, metric_steps, run_cli, start_cli, sweep_of, wait_for
-from vaeexp.sweep import sweep_tag
 
 # Long enough to be interrupted mid-training (15 steps an epoch), quick to start.
 TRAIN = ["data=mnist_bundled", "data.train_limit=1500", "data.test_limit=100", "epochs=6"]
@@ -55,12 +54,3 @@ def test_an_interrupted_sweep_resumes_into_its_parent_run(tmp_path: Path, launch
             set(metric_steps(client, run.info.run_id, "train/loss_step"))
         )
     assert f"parent run {parent.info.run_id}" in again.stdout
-
-
-def test_a_sweep_is_the_same_sweep_whatever_is_said_of_where_and_how_long():
-    base = sweep_tag(["latent_dim=2,8", "seed=0,1"])
-    assert sweep_tag(["seed=0,1", "latent_dim=2,8", "resume=auto"]) == base
-    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "epochs=20"]) != base  # another sweep
-    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "tracking.uri=http://x:5000"]) == base
-    assert sweep_tag(["latent_dim=2,8", "seed=0,1,2"]) != base
-    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "lr=0.01"]) != base

@@ -44,7 +44,7 @@ def test_joblib_eight_jobs_at_once_on_one_sqlite_store_lose_nothing(tmp_path):
     for run in children:
         rid = run.info.run_id
         assert run.info.status == "FINISHED"
-        assert run.data.params["threads.resolved"] == "1"  # 8 jobs on 2 cores: never 8 x 2
+        assert run.data.params["runtime.threads.resolved"] == "1"  # 8 jobs on 2 cores: never 8 x 2
         steps = [m.step for m in client.get_metric_history(rid, "train/loss_step")]
         assert steps == list(range(1, 17)), run.info.run_name  # every step's point, once
         for key in ("test/loss", "test/recon", "test/kl", "train/loss"):
@@ -103,7 +103,7 @@ def test_submitit_local_runs_jobs_as_processes(tmp_path):
     _client, parent, children = sweep_runs(env["MLFLOW_TRACKING_URI"])
     assert sorted(r.data.params["latent_dim"] for r in children) == ["2", "3"]
     assert all(r.info.status == "FINISHED" for r in children)
-    assert {r.data.params["threads.resolved"] for r in children} == {"1"}  # cpus_per_task
+    assert {r.data.params["runtime.threads.resolved"] for r in children} == {"1"}  # cpus_per_task
     sweep = Path(parent.data.tags["sweep"])
     assert list((sweep / ".submitit").glob("*/*_submitted.pkl"))  # submitit's own job files
 

@@ -178,6 +178,7 @@ def test_run_name_keeps_what_changes_training():
         "runtime.device=cpu",
         "resume=/a/b",
         "iwae.k=5",
+        "hydra/launcher=joblib",
     ]
     assert run_name(overrides) == "latent_dim=8,foo=1,data=kmnist"
     assert run_name([]) == "defaults"

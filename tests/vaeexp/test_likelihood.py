@@ -34,7 +34,7 @@ def _model_and_exact_marginal():
     return model, x, exact
 
 
-@pytest.mark.slow  # 40,000 samples of 16 images, against a dense quadrature: 10 s and more
+@pytest.mark.slow  # 40,000 samples of 16 images, against a dense quadrature
 def test_iwae_converges_to_the_exact_marginal_from_below():
     model, x, exact = _model_and_exact_marginal()
 
@@ -51,7 +51,7 @@ def test_iwae_converges_to_the_exact_marginal_from_below():
     assert gaps[1] < -0.3  # and the ELBO is clearly looser
 
 
-@pytest.mark.slow  # 200 seeds of the bound and the exact marginal's quadrature: 10 s
+@pytest.mark.slow  # 200 seeds of the bound and the exact marginal's quadrature
 def test_k1_is_the_elbo():
     model, x, _ = _model_and_exact_marginal()
     many = torch.cat(

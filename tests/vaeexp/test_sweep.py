@@ -14,7 +14,7 @@ from tests.conftest import metric_steps
 from vaeexp.compare import report
 from vaeexp.compare.parent import KEYS_TAG
 from vaeexp.paths import PARENT_FILE
-from vaeexp.sweep import SweepRun, tally
+from vaeexp.sweep import SweepRun, sweep_tag, tally
 
 LOSS = {("latent_dim=2", 0): 510.0, ("latent_dim=2", 1): 500.0}
 LOSS |= {("latent_dim=8", 0): 480.0, ("latent_dim=8", 1): 484.0}
@@ -67,3 +67,14 @@ def test_a_sweep_counts_every_child_past_a_page_of_search(tmp_path: Path, mlflow
     assert jobs.counts() == {"finished": 1000, "failed": 1, "killed": 1}
     assert jobs.best.info.run_id == ids[0]
     assert client.get_run(ids[1]).info.status == "KILLED"  # no child is left RUNNING
+
+
+def test_a_sweep_is_the_same_sweep_whatever_is_said_of_where_and_how_long():
+    base = sweep_tag(["latent_dim=2,8", "seed=0,1"])
+    assert sweep_tag(["seed=0,1", "latent_dim=2,8", "resume=auto"]) == base
+    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "epochs=20"]) != base  # another sweep
+    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "tracking.uri=http://x:5000"]) == base
+    assert sweep_tag(["latent_dim=2,8", "seed=0,1,2"]) != base
+    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "lr=0.01"]) != base
+    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "hydra/launcher=joblib"]) == base  # how
+    assert sweep_tag(["latent_dim=2,8", "seed=0,1", "~film"]) != base  # a group removed

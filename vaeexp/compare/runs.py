@@ -102,9 +102,9 @@ def value_of(run: Run, key: str) -> str:
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
-    """The settings overridden in some run (where/how settings such as `threads` left out) whose
-    values differ between the runs, in the order they were given; all of them when none
-    differ."""
+    """The settings overridden in some run (where/how settings such as `runtime.threads` left
+    out) whose values differ between the runs, in the order they were given; all of them when
+    none differ."""
     keys: list[str] = []
     for run in runs:
         keys += [k for k in overrides_of(run) if k not in keys]

@@ -53,8 +53,8 @@ def run_params(cfg: Config, data: Dataset, device: torch.device) -> dict[str, st
         "data.resolved": data.resolved,
         "data.n_train": str(len(data.train_x)),
         "data.n_test": str(len(data.test_x)),
-        "device.resolved": str(device),
-        "threads.resolved": str(torch.get_num_threads()),
+        "runtime.device.resolved": str(device),
+        "runtime.threads.resolved": str(torch.get_num_threads()),
     }
 
 
