@@ -80,13 +80,16 @@ def generated(n_train: int, n_test: int) -> Dataset:
 
 
 class Recorder(Callback):
-    """Each epoch's metrics."""
+    """Each epoch's metrics of its member (the only one: this script trains stacks of one)."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
 
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
-        self.epochs.append(metrics)
+    def on_epoch_end(
+        self, epoch: int, step: int, metrics: dict[int, dict[str, float]], model: VAE
+    ) -> None:
+        if self.member in metrics:
+            self.epochs.append(metrics[self.member])
 
 
 def counted_syncs(device: torch.device, fn: Callable[[], T]) -> tuple[T, int | None]:
@@ -124,10 +127,10 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
     checks = Checks()
     folder = Path(tempfile.mkdtemp(prefix="vaeexp-gpu-"))
     cfg = config(str(device), 1, log_every_n_steps=args.log_every)
-    untrained, _ = setup(cfg, device)
-    before = held_out_losses(untrained, data.test_x.to(device), 1.0, 1000)["loss"]
+    untrained, _ = setup([cfg], device)
+    before = held_out_losses(untrained, data.test_x.to(device), 1.0, 1000)[0]["loss"]
     hook = Recorder()
-    result, syncs = counted_syncs(device, lambda: train(cfg, data, device, callbacks=[hook]))
+    [result], syncs = counted_syncs(device, lambda: train([cfg], data, device, callbacks=[hook]))
     steps, loss = result.step, hook.epochs[-1]["test/loss"]
     on_device = next(result.model.parameters()).device.type == device.type
     checks(
@@ -157,7 +160,7 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
     # Checkpoints across devices: written on the device, resumed on the CPU, and back; the one
     # written on the device loads where no GPU is visible.
     first, on_cpu_ckpt = folder / "on-device.pt", folder / "on-cpu.pt"
-    train(cfg, data, device, checkpoints=Checkpoints(first))
+    train([cfg], data, device, checkpoints=[Checkpoints(first)])
     cpu_only = subprocess.run(
         [sys.executable, "-c", LOAD_ON_CPU, str(first)],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)},
@@ -167,17 +170,17 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
     why = "" if cpu_only.returncode == 0 else f": {cpu_only.stderr[-300:]}"
     checks(cpu_only.returncode == 0, f"a checkpoint written on {device} loads where no GPU is{why}")
     cpu = torch.device("cpu")
-    resumed = train(
-        config("cpu", 2, log_every_n_steps=args.log_every),
+    [resumed] = train(
+        [config("cpu", 2, log_every_n_steps=args.log_every)],
         data,
         cpu,
-        checkpoints=Checkpoints(on_cpu_ckpt, checkpoint.load(first)),
+        checkpoints=[Checkpoints(on_cpu_ckpt, checkpoint.load(first))],
     )
-    back = train(
-        config(str(device), 3, log_every_n_steps=args.log_every),
+    [back] = train(
+        [config(str(device), 3, log_every_n_steps=args.log_every)],
         data,
         device,
-        checkpoints=Checkpoints(None, checkpoint.load(on_cpu_ckpt)),
+        checkpoints=[Checkpoints(None, checkpoint.load(on_cpu_ckpt))],
     )
     checks(
         (resumed.epoch, back.epoch) == (2, 3)
@@ -185,7 +188,7 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
         and all(math.isfinite(r.metrics["test/loss"]) for r in (resumed, back)),
         f"checkpoint {device} -> cpu -> {device}: epochs 2 and 3 continued",
     )
-    again = train(cfg, data, device)
+    [again] = train([cfg], data, device)
     same = again.metrics["test/loss"] == loss
     print(f"  same seed twice on {device}: test loss {'identical' if same else 'differs'}")
     return checks, per_step
@@ -204,7 +207,7 @@ def epoch_seconds(args: argparse.Namespace, device: torch.device, data: Dataset)
     """Median seconds per epoch after the first (warm-up)."""
     hook = Recorder()
     cfg = config(str(device), args.epochs, log_every_n_steps=args.log_every)
-    train(cfg, data, device, callbacks=[hook])
+    train([cfg], data, device, callbacks=[hook])
     timed = sorted(e["epoch_seconds"] for e in (hook.epochs[1:] or hook.epochs))
     return timed[len(timed) // 2]
 

@@ -97,7 +97,7 @@ def check_scale(vae: VAE, x: np.ndarray, seed: int) -> tuple[float, float]:
     with torch.no_grad():
         for k, t in zip(dense, linear, strict=True):
             kernel, bias = (np.asarray(w) for w in k.get_weights())
-            t.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            t.weight.copy_(torch.from_numpy(kernel))
             t.bias.copy_(torch.from_numpy(bias))
         recon, kl = loss_terms(ours, torch.from_numpy(x), noise=torch.from_numpy(noise))
     return keras_loss, (recon + kl).mean().item() / PIXELS

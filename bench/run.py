@@ -135,12 +135,12 @@ def vaeexp_train(data, store: str, *overrides: str) -> tuple[float, dict]:
     out = Path(tempfile.mkdtemp(prefix="vaeexp-bench-"))
     with tracked_run(cfg, data, torch.device("cpu"), out, list(overrides)) as run:
         start = time.perf_counter()
-        result = train(
-            cfg,
+        [result] = train(
+            [cfg],
             data,
             torch.device("cpu"),
             callbacks=run.callbacks,
-            checkpoints=Checkpoints(out / "checkpoint.pt"),
+            checkpoints=[Checkpoints(out / "checkpoint.pt")],
         )
         seconds = time.perf_counter() - start
     return seconds, result.metrics

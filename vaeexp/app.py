@@ -17,25 +17,25 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vaeexp import process
 from vaeexp.config import register
-from vaeexp.paths import CONF_DIR, multirun
+from vaeexp.paths import CONF_DIR
 from vaeexp.validate import ConfigError, explain
 
 
 def register_launcher() -> None:
     """Hydra finds launchers by listing the `hydra_plugins` namespace, which an editable
-    install's import hook does not list: register vaeexp's (`hydra/launcher=slurm`) by hand."""
+    install's import hook does not list: register vaeexp's (`hydra/launcher=slurm`,
+    `hydra/launcher=stacked`) by hand."""
     from hydra.core.plugins import Plugins
 
-    from hydra_plugins.vaeexp_launcher import SlurmLauncher
+    from hydra_plugins.vaeexp_launcher import SlurmLauncher, StackedLauncher
 
     Plugins.instance().register(SlurmLauncher)
+    Plugins.instance().register(StackedLauncher)
 
 
 register()
 register_launcher()
 log = logging.getLogger(__name__)
-
-DIVERGED_PENALTY = 1e4  # nats: worse than any run that trained, an untrained one included
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -46,15 +46,12 @@ def task(cfg: DictConfig) -> float:
     from vaeexp.step import Diverged
 
     try:
-        (loss,) = recipe_main(cfg)  # every launcher gives a job one member
+        # A sweep's job that diverges scores a finite penalty (vaeexp.recipe); a run that
+        # diverges ends FAILED and tagged `diverged`, and says so here.
+        (loss,) = recipe_main(cfg)  # a job of a launcher other than the stacked one
         return loss
     except Diverged as e:
-        if not multirun():
-            _exit_with(e)
-        # A sweep goes on: this job's run is FAILED and tagged `diverged`; a sweeper gets a finite
-        # value (the Optuna plugin we can install crashes the whole study on NaN).
-        log.error("vaeexp: %s; this job scores %.0f, the sweep goes on", e, DIVERGED_PENALTY)
-        return DIVERGED_PENALTY
+        _exit_with(e)
     except Exception as e:
         if not isinstance(e, _user_errors()) or os.environ.get("VAEEXP_TRACEBACK") == "1":
             raise

@@ -3,8 +3,9 @@ which one `resume=` continues.
 
 A checkpoint is either complete or absent (written to a temp file, fsynced, renamed) and loads
 without running pickled code (`weights_only`). `training_state` writes it and `restore_state`
-reads it: where training stands (mid-epoch included), weights, optimizer statistics, RNG and the
-config it trained.
+reads it: where training stands (mid-epoch included), weights, optimizer statistics and the
+config it trained. A member of a stack writes the checkpoint its job alone would, and continues
+from it, in a stack or alone.
 
 `resume=auto` picks the newest checkpoint under the project's runs/ that trains what this config
 trains (`config.identity`, less `epochs`), so re-launching the same command continues where it
@@ -31,11 +32,12 @@ from omegaconf import OmegaConf
 
 from vaeexp.config import RUN_ID, Config, identity, plain
 from vaeexp.model import VAE
+from vaeexp.optim import StackedOptimizer
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vaeexp.checkpoint"
-VERSION = 1
+VERSION = 2
 FILENAME = "checkpoint.pt"
 CONFIG_SUFFIX = ".json"  # checkpoint.json beside checkpoint.pt: its config, for resume=auto
 ARCHITECTURE = ("latent_dim", "intermediate_dim")
@@ -134,24 +136,27 @@ def load_model(path: str | Path) -> tuple[VAE, dict[str, Any]]:
 
 @dataclass
 class Position:
-    """Where training stands: all a checkpoint needs, beyond weights and RNG, to continue exactly
-    (mid-epoch included), with the same metric points an uninterrupted run would log."""
+    """Where training stands: all a checkpoint needs, beyond weights and optimizer statistics,
+    to continue exactly (mid-epoch included), with the same metric points an uninterrupted run
+    would log. The members of a stack stand at the same step; their sums are a row each."""
 
     epoch: int  # completed epochs
     batch: int  # batches done in the current epoch
     step: int
-    epoch_sums: torch.Tensor  # (recon, kl) summed over this epoch's flushed windows so far
-    window: torch.Tensor  # (recon, kl) summed since the last step-metric point
+    epoch_sums: torch.Tensor  # (M, 2): (recon, kl) summed over this epoch's flushed windows
+    window: torch.Tensor  # (M, 2): (recon, kl) summed since the last step-metric point
     window_images: int
 
     @classmethod
-    def start(cls, device: torch.device) -> Position:
-        return cls(0, 0, 0, torch.zeros(2, device=device), torch.zeros(2, device=device), 0)
+    def start(cls, members: int, device: torch.device) -> Position:
+        zeros = torch.zeros(members, 2, device=device)
+        return cls(0, 0, 0, zeros, zeros.clone(), 0)
 
 
 @dataclass
 class Checkpoints:
-    """Where the loop saves its state, the state it continues from, and what rides along."""
+    """Where the loop saves a member's state, the state it continues from, and what rides
+    along."""
 
     path: Path | None = None
     resume: dict[str, Any] | None = None
@@ -165,26 +170,27 @@ class Checkpoints:
 def training_state(
     cfg: Config,
     model: VAE,
-    optimizer: torch.optim.Optimizer,
+    optimizer: StackedOptimizer,
+    member: int,
     pos: Position,
     metrics: dict[str, float],
-    device: torch.device,
 ) -> dict[str, Any]:
-    """Everything a checkpoint holds to continue exactly: weights, optimizer, RNG, position."""
-    rng = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state()
+    """Everything member `member`'s checkpoint holds to continue exactly, as a run of its own:
+    its weights and optimizer statistics, the position, its sums and config. No generator
+    state: every random draw is a function of (seed, epoch) (vaeexp.step)."""
     return {
         "epoch": pos.epoch,
         "batch": pos.batch,
         "step": pos.step,
-        "epoch_sums": pos.epoch_sums.cpu(),
-        "window": pos.window.cpu(),
+        "epoch_sums": pos.epoch_sums[member].cpu(),
+        "window": pos.window[member].cpu(),
         "window_images": pos.window_images,
         "metrics": metrics,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng,
+        "model": {k: v.cpu() for k, v in model.member(member).state_dict().items()},
+        "optimizer": {
+            k: [t.cpu() for t in v] if isinstance(v, list) else v
+            for k, v in optimizer.member_state(member).items()
+        },
         "config": plain(cfg),
     }
 
@@ -193,10 +199,12 @@ def restore_state(
     state: dict[str, Any],
     cfg: Config,
     model: VAE,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-) -> tuple[Position, dict[str, float]]:
-    """Load a checkpoint into `model` and `optimizer`; the config's lr, rho, eps win."""
+    optimizer: StackedOptimizer,
+    member: int,
+    pos: Position,
+) -> dict[str, float]:
+    """Load a checkpoint into member `member` of `model` and `optimizer` and into `pos` (the
+    config's lr, rho, eps win: the checkpoint gives the statistics); its metrics."""
     saved = state["config"]
     for key in ARCHITECTURE:
         if saved[key] != getattr(cfg, key):
@@ -204,24 +212,21 @@ def restore_state(
                 f"resume: the checkpoint has {key}={saved[key]}, the config says "
                 f"{getattr(cfg, key)}"
             )
-    model.load_state_dict(state["model"])
-    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
-    for group, hyper in zip(optimizer.param_groups, configured, strict=True):
-        group.update(hyper)  # the checkpoint gives the statistics
-    torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    pos = Position(
-        epoch=state["epoch"],
-        batch=state["batch"],
-        step=state["step"],
-        epoch_sums=state["epoch_sums"].to(device),
-        window=state["window"].to(device),
-        window_images=state["window_images"],
-    )
+    if saved["optimizer"] != cfg.optimizer.value:
+        raise CheckpointError(
+            f"resume: the checkpoint has optimizer={saved['optimizer']}, the config says "
+            f"{cfg.optimizer.value}"
+        )
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            model.get_parameter(name)[member : member + 1].copy_(value)
+    optimizer.load_member_state(member, state["optimizer"])
+    pos.epoch, pos.batch, pos.step = state["epoch"], state["batch"], state["step"]
+    pos.epoch_sums[member] = state["epoch_sums"]
+    pos.window[member] = state["window"]
+    pos.window_images = state["window_images"]
     log.info("resumed at epoch %d, batch %d (step %d)", pos.epoch + 1, pos.batch, pos.step)
-    return pos, dict(state["metrics"])
+    return dict(state["metrics"])
 
 
 def resolve(

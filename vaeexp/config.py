@@ -34,6 +34,7 @@ WHERE_OR_HOW = (
     "dry_run",
     "runtime.device",
     "runtime.threads",
+    "runtime.cuda_graph",
     "runtime.progress",
 )
 
@@ -140,13 +141,15 @@ class FilmConfig:
 @dataclass
 class RuntimeConfig:
     """The machine's knobs: how fast and where a run trains, set once for a machine rather than
-    compared. device, threads and progress are left out of a run's identity (WHERE_OR_HOW); the
-    others change the numbers a little, so they stay in it."""
+    compared. device, threads, cuda_graph and progress are left out of a run's identity
+    (WHERE_OR_HOW); the others change the numbers a little, so they stay in it."""
 
     device: Device = Device.auto
     threads: int = 0  # torch intra-op threads; 0: automatic
     flush_denormal: bool = True  # CPU: subnormal floats as 0 (each costs a microcode assist)
     compile: bool = False  # torch.compile the loss step
+    # CUDA: capture the training step as a CUDA graph and replay it (vaeexp.trainer.CapturedStep)
+    cuda_graph: bool = True
     precision: Precision = Precision.fp32  # bf16: autocast of the training step
     film_precision: FilmPrecision = FilmPrecision.auto  # the film frame's encoder pass
     progress: bool = True  # a progress bar

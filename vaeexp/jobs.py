@@ -47,7 +47,7 @@ def validate_sweep(
     for name, overrides in named:
         try:
             job = loader.load_sweep_config(config, overrides)
-            validate(_task_config(job))
+            validate(task_config(job))
         except errors as e:
             raise ConfigError(f"{name}: {explain(e)}") from None
         composed.append(job)
@@ -112,7 +112,7 @@ def _reach(override: Any) -> list[Any]:
     return [value.start, value.end]
 
 
-def _task_config(job: DictConfig) -> DictConfig:
+def task_config(job: DictConfig) -> DictConfig:
     """A job's config as its task sees it: without Hydra's own node (as Hydra's run_job)."""
     task = copy.deepcopy(job)
     with read_write(task), open_dict(task):

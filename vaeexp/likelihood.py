@@ -56,15 +56,16 @@ def log_px_z(
     model: VAE, z: torch.Tensor, x: torch.Tensor, buffer: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Bernoulli log-likelihood sum_i x_i l_i - softplus(l_i) of images x (b, 784) under codes
-    z (k, b, d), with logits l = W h + c: the same number as -BCE-with-logits summed over pixels.
-    The x.l term is a 256-wide product per sample, h.(W^T x) + c.x, instead of a 784-wide one,
-    and softplus is one fused pass where BCE makes several passes over the logits. `buffer`
-    (k * b, 784), if given, holds the logits.
+    z (k, b, d) of a one-member `model`, with logits l = h W + c: the same number as
+    -BCE-with-logits summed over pixels. The x.l term is a 256-wide product per sample,
+    h.(W x) + c.x, instead of a 784-wide one, and softplus is one fused pass where BCE makes
+    several passes over the logits. `buffer` (k * b, 784), if given, holds the logits.
     """
-    out = model.decoder_out
-    h = F.relu(model.decoder_h(z))  # (k, b, hidden)
-    x_dot_logits = torch.einsum("kbh,bh->kb", h, x @ out.weight) + x @ out.bias
-    logits = torch.addmm(out.bias, h.flatten(0, 1), out.weight.T, out=buffer)
+    hidden, out = model.decoder_h, model.decoder_out
+    weight, bias = out.weight[0], out.bias[0, 0]  # (hidden, 784), (784,)
+    h = F.relu(z @ hidden.weight[0] + hidden.bias[0, 0])  # (k, b, hidden)
+    x_dot_logits = torch.einsum("kbh,bh->kb", h, x @ weight.T) + x @ bias
+    logits = torch.addmm(bias, h.flatten(0, 1), weight, out=buffer)
     softplus = F.softplus(logits, 1, 20, out=logits)  # in place
     return x_dot_logits - softplus.view(*h.shape[:2], -1).sum(-1)
 

@@ -17,16 +17,79 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, make_cfg
 from vaeexp import checkpoint
-from vaeexp.checkpoint import CheckpointError, latest_matching, resolve
+from vaeexp.checkpoint import (
+    CheckpointError,
+    Position,
+    latest_matching,
+    resolve,
+    restore_state,
+    training_state,
+)
 from vaeexp.config import Config, plain, settings
+from vaeexp.model import loss_terms
+from vaeexp.step import setup
 
 
 def test_round_trip_and_folder_lookup(tmp_path):
-    state = {"epoch": 3, "step": 30, "model": {"w": torch.ones(2)}, "rng": torch.get_rng_state()}
+    state = {
+        "epoch": 3,
+        "step": 30,
+        "model": {"w": torch.ones(1, 2, 3)},
+        "optimizer": {"square_avg": [torch.full((1, 2, 3), 0.5)], "steps": 30},
+    }
     checkpoint.save(tmp_path / checkpoint.FILENAME, state)
     loaded = checkpoint.load(tmp_path)  # a run folder finds its checkpoint
-    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.ones(2))
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.ones(1, 2, 3))
+    assert torch.equal(loaded["optimizer"]["square_avg"][0], torch.full((1, 2, 3), 0.5))
+    assert loaded["version"] == checkpoint.VERSION == 2
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]  # no temp file left
+
+
+def test_another_version_is_refused_by_name(tmp_path):
+    """A version-1 checkpoint (one model's torch.optim state and generator states) cannot
+    continue a run of this version: it says so rather than failing on a missing key."""
+    path = tmp_path / "c.pt"
+    torch.save({"format": checkpoint.FORMAT, "version": 1, "rng": torch.get_rng_state()}, path)
+    with pytest.raises(CheckpointError, match="checkpoint version 1, this vaeexp reads version 2"):
+        checkpoint.load(path)
+
+
+def test_a_members_state_continues_it_alone(tmp_path):
+    """Member 1 of a stack of three writes the checkpoint its job alone would: restored into a
+    one-member model and optimizer, it holds that member's weights, statistics and sums, and
+    `load_model` rebuilds it as a plain VAE."""
+    cfgs = [cfg(f"seed={s}", f"lr={lr}") for s, lr in ((0, 1e-3), (1, 3e-3), (2, 1e-3))]
+    cpu = torch.device("cpu")
+    model, optimizer = setup(cfgs, cpu)
+    x = torch.rand(3, 8, 784)
+    recon, kl = loss_terms(model, x)
+    optimizer.step(torch.autograd.grad((recon + kl).sum(), optimizer.params))
+    pos = Position.start(3, cpu)
+    pos.epoch, pos.batch, pos.step, pos.window_images = 1, 2, 7, 16
+    pos.epoch_sums.copy_(torch.arange(6.0).view(3, 2))
+    pos.window.copy_(-torch.arange(6.0).view(3, 2))
+    path = tmp_path / checkpoint.FILENAME
+    checkpoint.save(path, training_state(cfgs[1], model, optimizer, 1, pos, {"test/loss": 1.0}))
+
+    state = checkpoint.load(path)
+    alone, alone_optimizer = setup([cfgs[1]], cpu)
+    alone_pos = Position.start(1, cpu)
+    metrics = restore_state(state, cfgs[1], alone, alone_optimizer, 0, alone_pos)
+    assert metrics == {"test/loss": 1.0}
+    for name, value in model.member(1).state_dict().items():
+        assert torch.equal(alone.state_dict()[name], value), name
+    assert alone_optimizer.steps == 1
+    for stacked, restored in zip(
+        optimizer.state["square_avg"], alone_optimizer.state["square_avg"], strict=True
+    ):
+        assert stacked[1].abs().sum() > 0 and torch.equal(stacked[1:2], restored)
+    where = (alone_pos.epoch, alone_pos.batch, alone_pos.step, alone_pos.window_images)
+    assert where == (1, 2, 7, 16)
+    assert alone_pos.epoch_sums.tolist() == [[2.0, 3.0]]
+    assert alone_pos.window.tolist() == [[-2.0, -3.0]]
+    rebuilt, config = checkpoint.load_model(path)
+    assert config["seed"] == 1 and config["lr"] == 3e-3
+    torch.testing.assert_close(rebuilt(x[1]), model.member(1).eval()(x[1]))
 
 
 def test_overwrite_is_atomic(tmp_path):

@@ -86,17 +86,21 @@ class FilmedImages:
         self.x = (x.bfloat16() if self.bf16 else x).to(device)
 
     def means(self, model: VAE) -> torch.Tensor:
-        """Latent means of the filmed images, on the model's device: eval mode, no grad and no
-        random numbers, so the run's metrics are the same with the film on or off; the model's
-        mode is restored."""
+        """Latent means of the filmed images, on the model's device, (M, points, latent_dim):
+        every member of a stack in one encoder pass. Eval mode, no grad and no random numbers,
+        so the run's metrics are the same with the film on or off; the model's mode is
+        restored."""
         was_training = model.training
         model.eval()
         with torch.inference_mode(), torch.autocast(self.x.device.type, enabled=self.bf16):
-            means = torch.cat([model.encode(xb)[0] for xb in self.x.split(CHUNK)])
+            chunks = [model.encode(xb)[0] for xb in self.x.split(CHUNK)]
         model.train(was_training)
-        return means.float()
+        means = torch.cat(chunks, dim=-2).float()
+        return means.view(model.members, *means.shape[-2:])
 
-    def decoded_grid(self, model: VAE) -> np.ndarray:
-        """The decoder film's frame: the decoded 20x20 grid, cheap enough (400 decodes) to take
-        in the training thread."""
-        return images.manifold(model, device=self.x.device)
+    def decoded_grids(self, model: VAE) -> list[np.ndarray]:
+        """The decoder film's frame of each member: the decoded 20x20 grid, cheap enough (400
+        decodes a member) to take in the training thread."""
+        return [
+            images.manifold(model.member(m), device=self.x.device) for m in range(model.members)
+        ]

@@ -1,9 +1,10 @@
 """The latent film of one run: when it takes a frame, captured in the training loop, drawn and
-logged off it.
+logged off it; and the films of a stack's members, captured together.
 
-At a frame's step the training thread encodes the filmed test images (vaeexp.film.capture) and
-queues the means; the frame's diagnostics, saving it, drawing, MLflow and the GIF happen in one
-worker thread (`FilmWorker`) while training goes on. Memory is flat: the queue holds at most
+At a frame's step the training thread encodes the filmed test images (vaeexp.film.capture), for
+every member of a stack in one encoder pass, and queues each member's means to its film; the
+frame's diagnostics, saving it, drawing, MLflow and the GIF happen in one worker thread per film
+(`FilmWorker`) while training goes on. Memory is flat: the queue holds at most
 `QUEUE_FRAMES` frames of latent means (training waits when it is full, as at the reference's
 every-step cadence), and frames go to disk.
 
@@ -20,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from vaeexp.film.render import FilmOutputs
 from vaeexp.model import VAE
 from vaeexp.trainer import Callback, Logger
 
-__all__ = ["FilmError", "FilmRecorder", "filming"]
+__all__ = ["FilmError", "FilmRecorder", "StackFilm", "filming"]
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,9 @@ class FilmWorker:
             self.outputs.draw(len(self.store.steps) - 1, step, epoch, losses, means)
 
 
-class FilmRecorder(Callback):
-    """The film as the training loop sees it: a callback that captures a frame at each step the
-    schedule names (and the untrained model at step 0), then `finish` once training ends."""
+class FilmRecorder:
+    """One run's film: its frames, queued by the training thread (`StackFilm` captures them),
+    saved, drawn and logged by its worker thread, and finished once training ends."""
 
     def __init__(
         self,
@@ -199,13 +200,16 @@ class FilmRecorder(Callback):
         logger: Logger,
         folder: Path,
         device: torch.device,
+        images: FilmedImages | None = None,
     ) -> None:
+        """`images`: the filmed images on the device, shared by a stack's films."""
         film = cfg.film
         self.cfg, self.film, self.folder, self.logger = cfg, film, folder, logger
-        self.schedule = Schedule.from_config(film, data.steps_per_epoch(cfg.batch_size))
         self.index = film_points(data.test_y, film.points)  # in drawing order
         filmed = np.sort(self.index)  # in test-set order, as they are encoded
-        self.images = FilmedImages(data.test_x, filmed, cfg.runtime.film_precision, device)
+        self.images = images or FilmedImages(
+            data.test_x, filmed, cfg.runtime.film_precision, device
+        )
         order = np.searchsorted(filmed, self.index)
         self.labels = data.test_y.numpy()[self.index]
         self.class_names = data.class_names
@@ -232,48 +236,27 @@ class FilmRecorder(Callback):
 
     # ---- the training thread ----------------------------------------------------------------
 
-    def on_train_start(self, step: int, model: VAE) -> None:
-        if step == 0:
-            self.capture(0, 0, model)  # the untrained latent space
+    @property
+    def filming(self) -> bool:
+        self._raise_if_failed()
+        return not self.worker.stopped
 
-    def on_step(
-        self, step: int, epoch: int, model: VAE, recon: torch.Tensor, kl: torch.Tensor
-    ) -> None:
-        if self.schedule.due(step):  # dense early, sparse later
-            self.capture(step, epoch, model, recon.detach(), kl.detach())
-
-    def capture(
+    def add_frame(
         self,
         step: int,
         epoch: int,
-        model: VAE,
-        recon: torch.Tensor | None = None,
-        kl: torch.Tensor | None = None,
+        terms: Callable[[], np.ndarray],
+        means: Callable[[], np.ndarray],
+        seconds: float = 0.0,
     ) -> None:
-        """Encode the filmed images now; the rest of the frame's work is queued."""
-        self._raise_if_failed()
-        if self.worker.stopped:
-            return
-        started = time.perf_counter()
-        means = to_host(self.images.means(model))
-        terms = (
-            torch.stack((recon.mean(), kl.mean()))
-            if recon is not None
-            else torch.full((2,), float("nan"))
-        )
-        self.timings["capture"] += time.perf_counter() - started  # on a GPU: queued, not done
-        self.worker.put(("latent", step, epoch, to_host(terms.float()), means))
-        if step == 0:
-            self._decoder_frame(0, 0, model)
+        """Queue a latent frame: its (recon, kl) and its means, each a `to_host` copy the worker
+        waits for; `seconds`, this film's share of the encoder pass."""
+        self.timings["capture"] += seconds  # on a GPU: queued, not done
+        self.worker.put(("latent", step, epoch, terms, means))
 
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
-        self._decoder_frame(epoch, step, model)
-
-    def _decoder_frame(self, epoch: int, step: int, model: VAE) -> None:
+    def add_decoder_frame(self, step: int, epoch: int, grid: np.ndarray) -> None:
         """The decoder film's frame, once an epoch (and before training)."""
-        if self.decoder_film and not self.worker.stopped:
-            grid = self.images.decoded_grid(model)
-            self.worker.put(("decoder", step, epoch, None, grid))
+        self.worker.put(("decoder", step, epoch, None, grid))
 
     # ---- the end ----------------------------------------------------------------------------
 
@@ -330,18 +313,116 @@ class FilmRecorder(Callback):
             raise self.worker.error
 
 
+class StackFilm(Callback):
+    """The films of a stack's members as the training loop sees them: at each step the schedule
+    names (and the untrained model at step 0), one encoder pass over the filmed images gives
+    every filming member's frame, each handed to its own `FilmRecorder`."""
+
+    def __init__(self, recorders: list[FilmRecorder], steps_per_epoch: int) -> None:
+        self.recorders = recorders
+        self.schedule = Schedule.from_config(recorders[0].film, steps_per_epoch)
+        self.images = recorders[0].images
+        self.stopped: set[int] = set()  # members that diverged
+
+    def on_train_start(self, step: int, model: VAE) -> None:
+        if step == 0:
+            self.capture(0, 0, model)  # the untrained latent space
+
+    def on_step(
+        self, step: int, epoch: int, model: VAE, recon: torch.Tensor, kl: torch.Tensor
+    ) -> None:
+        if self.schedule.due(step):  # dense early, sparse later
+            self.capture(step, epoch, model, recon.detach(), kl.detach())
+
+    def on_epoch_end(
+        self, epoch: int, step: int, metrics: dict[int, dict[str, float]], model: VAE
+    ) -> None:
+        self._decoder_frames(epoch, step, model)
+
+    def on_diverged(self, member: int, reason: str) -> None:
+        self.stopped.add(member)
+
+    def capture(
+        self,
+        step: int,
+        epoch: int,
+        model: VAE,
+        recon: torch.Tensor | None = None,
+        kl: torch.Tensor | None = None,
+    ) -> None:
+        """Encode the filmed images for every filming member at once; the rest of each frame's
+        work is queued for its film's worker."""
+        filming = [m for m, r in enumerate(self.recorders) if m not in self.stopped and r.filming]
+        if not filming:
+            return
+        started = time.perf_counter()
+        means = to_host(self.images.means(model))
+        terms = (
+            torch.stack((recon.mean(1), kl.mean(1)), dim=1)
+            if recon is not None
+            else torch.full((model.members, 2), float("nan"))
+        )
+        terms = to_host(terms.float())
+        share = (time.perf_counter() - started) / len(filming)
+        for m in filming:
+            self.recorders[m].add_frame(step, epoch, _row(terms, m), _row(means, m), share)
+        if step == 0:
+            self._decoder_frames(0, 0, model)
+
+    def _decoder_frames(self, epoch: int, step: int, model: VAE) -> None:
+        filming = [
+            m
+            for m, r in enumerate(self.recorders)
+            if m not in self.stopped and r.decoder_film and r.filming
+        ]
+        if filming:
+            grids = self.images.decoded_grids(model)
+            for m in filming:
+                self.recorders[m].add_decoder_frame(step, epoch, grids[m])
+
+    def finish(self, complete: bool = True) -> None:
+        """Finish every member's film; a diverged member's as a stopped run's."""
+        errors = []
+        for m, recorder in enumerate(self.recorders):
+            try:
+                recorder.finish(complete and m not in self.stopped)
+            except Exception as e:  # the other films are still finished
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def _row(host: Callable[[], np.ndarray], member: int) -> Callable[[], np.ndarray]:
+    return lambda: host()[member]
+
+
 @contextmanager
 def filming(
-    cfg: Config, data: Dataset, logger: Logger, folder: Path, device: torch.device
-) -> Iterator[FilmRecorder | None]:
-    """The run's film, finished whatever happens: a stopped run keeps what was filmed."""
+    cfgs: Sequence[Config],
+    data: Dataset,
+    loggers: Sequence[Logger],
+    folders: Sequence[Path],
+    device: torch.device,
+) -> Iterator[StackFilm | None]:
+    """The films of a stack's members (a run is a stack of one), finished whatever happens: a
+    stopped run keeps what was filmed."""
+    cfg = cfgs[0]
     if not cfg.film.enabled:
         yield None
         return
-    recorder = FilmRecorder(cfg, data, logger, folder, device)
+    recorders: list[FilmRecorder] = []
     try:
-        yield recorder
+        for member_cfg, logger, folder in zip(cfgs, loggers, folders, strict=True):
+            shared = recorders[0].images if recorders else None
+            recorders.append(FilmRecorder(member_cfg, data, logger, folder, device, shared))
     except BaseException:
-        recorder.finish(complete=False)
+        for recorder in recorders:
+            recorder.finish(complete=False)
         raise
-    recorder.finish()
+    film = StackFilm(recorders, data.steps_per_epoch(cfg.batch_size))
+    try:
+        yield film
+    except BaseException:
+        film.finish(complete=False)
+        raise
+    film.finish()

@@ -44,13 +44,17 @@ class MlflowLogger(Callback):
         self.delivered, self.delivered_images = delivered or {}, delivered_images or {}
         self.last_flush = time.monotonic()
 
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._add({f"train/{k}_step": v for k, v in metrics.items()}, step)
+    def on_metrics(self, step: int, metrics: dict[int, dict[str, float]]) -> None:
+        if self.member in metrics:
+            self._add({f"train/{k}_step": v for k, v in metrics[self.member].items()}, step)
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
-        self._add(metrics | {"epoch": epoch, "step": step}, epoch)
+    def on_epoch_end(
+        self, epoch: int, step: int, metrics: dict[int, dict[str, float]], model: VAE
+    ) -> None:
+        if self.member in metrics:
+            self._add(metrics[self.member] | {"epoch": epoch, "step": step}, epoch)
         self.flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -83,7 +87,7 @@ class MlflowLogger(Callback):
 
 class EpochImages(Callback):
     """Each epoch's reconstructions of fixed test digits, decoded fixed prior draws and
-    (latent_dim 2) the manifold, handed to `log_image`."""
+    (latent_dim 2) the manifold of its member, handed to `log_image`."""
 
     def __init__(
         self,
@@ -97,10 +101,13 @@ class EpochImages(Callback):
         g = torch.Generator().manual_seed(0)
         self.fixed_z = torch.randn(100, latent_dim, generator=g).to(device)
 
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float], model: VAE) -> None:
-        model.eval()
+    def on_epoch_end(
+        self, epoch: int, step: int, metrics: dict[int, dict[str, float]], model: VAE
+    ) -> None:
+        if self.member not in metrics:  # it stopped
+            return
+        model = model.member(self.member).eval()
         self.log_image(images.reconstructions(model, self.fixed_x), "reconstructions", epoch)
         self.log_image(images.samples(model, self.fixed_z), "samples", epoch)
         if self.latent_dim == 2:
             self.log_image(images.manifold(model, device=self.fixed_x.device), "manifold", epoch)
-        model.train()

@@ -2,11 +2,14 @@
 FAILED (its reason in the `failure_reason` tag) or KILLED. What the run starts with: its whole
 config as params, and the tags that say where it came from; what a finished run exports: the two
 models, for `mlflow.pyfunc.load_model(...).predict` (images -> reconstructions, and latent codes
--> images)."""
+-> images).
+
+Every call names its run by id (MlflowClient's calls, MLflow's system-metrics monitor, model
+logging with `run_id`), never MLflow's fluent "active run": that is one per thread, and a job
+that trains several members keeps one run open for each at the same time."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import subprocess
 from collections.abc import Iterator
@@ -17,9 +20,11 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import RunStatus
-from mlflow.models import infer_signature
+from mlflow.entities import Param, Run, RunStatus, RunTag
+from mlflow.models import Model, infer_signature
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 
 from vaeexp.config import Config, TrackingConfig, plain, run_name
 from vaeexp.data import Dataset
@@ -88,10 +93,13 @@ def output_tags(
     }
 
 
-def log_models(model: VAE, example: torch.Tensor) -> None:
-    """Log both models to the active run; `example` is a few images (n, 784)."""
-    _log_model(model, example, "model")
-    _log_model(_Decoder(model), torch.zeros(len(example), model.latent_dim), "decoder")
+def log_models(model: VAE, example: torch.Tensor, run_id: str | None = None) -> None:
+    """Log both models to the run `run_id` (without one, to the fluent active run, which
+    `python -m vaeexp.sync` opens), through the process's tracking URI (`mlflow.set_tracking_uri`);
+    `example` is a few images (n, 784)."""
+    run = mlflow.get_run(run_id or mlflow.active_run().info.run_id)
+    _log_model(model, example, "model", run)
+    _log_model(_Decoder(model), torch.zeros(len(example), model.latent_dim), "decoder", run)
 
 
 class _Decoder(torch.nn.Module):
@@ -103,12 +111,25 @@ class _Decoder(torch.nn.Module):
         return self.vae.decode(z)
 
 
-def _log_model(module: torch.nn.Module, example: torch.Tensor, name: str) -> None:
+def _log_model(module: torch.nn.Module, example: torch.Tensor, name: str, run: Run) -> None:
     with torch.no_grad():
         output = module(example)
-    mlflow.pytorch.log_model(
-        module,
+    # Created in its run's experiment first: a model logged by run id, with no active run, would
+    # go to MLflow's active (by default, its Default) experiment. Its params are the run's, as
+    # when MLflow creates it.
+    logged = mlflow.initialize_logged_model(
+        name,
+        source_run_id=run.info.run_id,
+        params=run.data.params,
+        experiment_id=run.info.experiment_id,
+    )
+    Model.log(  # what mlflow.pytorch.log_model calls, with the run named by id
+        None,
+        mlflow.pytorch,
         name=name,
+        run_id=run.info.run_id,
+        model_id=logged.model_id,
+        pytorch_model=module,
         input_example=example.numpy(),
         signature=infer_signature(example.numpy(), output.numpy()),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
@@ -124,6 +145,17 @@ class TrackedRun:
     outbox: Outbox
     log_model: bool
     callbacks: list[Callback] = field(default_factory=list)  # the logger, the epoch images
+    failed: BaseException | None = None  # set by `fail`: why the run ends FAILED
+
+    def fail(self, error: BaseException) -> None:
+        """End this run FAILED, with `error` as its reason, when its `tracked_run` exits, without
+        the error raised through it: one member of a job that diverges fails, the others train
+        on and finish. However the context exits then, this run's own failure is its reason."""
+        self.failed = error
+
+    def tag(self, key: str, value: str) -> None:
+        """Set one more tag on the run (through the outbox: a server that is down only warns)."""
+        self.outbox.call(f"tagging {key}", self.outbox.client.set_tag, self.run_id, key, value)
 
     def opener(self) -> str:
         """How to open this run in the MLflow UI."""
@@ -144,7 +176,12 @@ class TrackedRun:
             self.outbox.artifact_out(checkpoint_path)  # what `python -m vaeexp.iwae` reads
         if self.log_model:
             model, example = result.model.cpu().eval(), example[:5].cpu()
-            self.outbox.models_out(lambda: log_models(model, example))
+            self.outbox.models_out(lambda: self._log_models(model, example))
+
+    def _log_models(self, model: VAE, example: torch.Tensor) -> None:
+        # Model logging writes through the process's tracking URI, not a client's.
+        mlflow.set_tracking_uri(self.outbox.uri)
+        log_models(model, example, self.run_id)
 
 
 @contextmanager
@@ -158,7 +195,6 @@ def tracked_run(
 ) -> Iterator[TrackedRun]:
     """Start (or, resuming, reopen) the job's run, yield it, and end it whatever happens."""
     tracking = cfg.tracking
-    mlflow.set_tracking_uri(tracking.uri)
     client = MlflowClient(tracking.uri)
     experiment_id = experiment_for(client, tracking)
     tags = output_tags(overrides, output_dir, data, cfg.data.binarize.value)
@@ -169,31 +205,31 @@ def tracked_run(
 
     resumed = bool(resume_run_id) and run_exists(client, resume_run_id)
     if resumed:
-        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=tracking.system_metrics)
-        earlier = client.get_run(resume_run_id).data
-        params = {k: v for k, v in params.items() if k not in earlier.params}
+        client.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        run = client.get_run(resume_run_id)
+        params = {k: v for k, v in params.items() if k not in run.data.params}
         tags["resumed_from"] = str(cfg.resume)
-        for stale in FAILURE_TAGS & earlier.tags.keys():  # why it stopped before: said again if so
+        for stale in FAILURE_TAGS & run.data.tags.keys():  # why it stopped before: said again if so
             client.delete_tag(resume_run_id, stale)
     else:
         name = tracking.run_name or run_name(overrides)
         # The tags from the start: a job killed at once still shows under its sweep's parent.
-        run = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=name,
-            tags=tags,
-            log_system_metrics=tracking.system_metrics,
-        )
+        # MLflow's own context tags (user, source, git commit) as its fluent start_run adds them.
+        run = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags))
     run_id = run.info.run_id
+    monitor = _system_metrics(run_id, tracking.uri, resumed) if tracking.system_metrics else None
     outbox = Outbox(client, run_id, tracking.uri, output_dir)
-    logger = None
+    logger, tracked = None, None
     status, failure = RunStatus.FINISHED, None
     try:
-        mlflow.set_tags(tags | git_tags(run.data.tags))
-        mlflow.log_params(params)
+        client.log_batch(
+            run_id,
+            params=[Param(k, v) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in (tags | git_tags(run.data.tags)).items()],
+        )
         hydra_dir = output_dir / ".hydra"
         if hydra_dir.is_dir():
-            mlflow.log_artifacts(str(hydra_dir), "hydra")
+            client.log_artifacts(run_id, str(hydra_dir), "hydra")
         log.info("MLflow run %s (%s) in %s", run_id, run.info.run_name, tracking.uri)
         # Resumed after a hard kill: what MLflow already has of each metric and image key.
         delivered = (
@@ -221,26 +257,45 @@ def tracked_run(
         status = RunStatus.SCHEDULED if str(e) == REQUEUED else RunStatus.KILLED
         raise
     except BaseException as e:
-        status, failure = RunStatus.FAILED, f"{type(e).__name__}: {e}"[:5000]
+        status, failure = RunStatus.FAILED, e
         raise
     finally:
+        if tracked is not None and tracked.failed is not None:  # its own failure comes first
+            status, failure = RunStatus.FAILED, tracked.failed
         if logger is not None:
             logger.flush()  # keep what was measured before a failure
+        if monitor is not None:
+            monitor.finish()  # its last samples, logged while the run is still RUNNING
         _end(client, outbox, RunStatus.to_string(status), failure, output_dir)
 
 
-def _end(client: MlflowClient, outbox: Outbox, status: str, failure: str | None, folder: Path):
+def _system_metrics(run_id: str, uri: str, resumed: bool) -> SystemMetricsMonitor | None:
+    """MLflow's system-metrics monitor for this run, as its fluent start_run starts one; a resumed
+    run's continue after its last step. None, and training goes on, if it cannot start."""
+    try:
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as e:
+        log.error("no system metrics for this run: %s: %s", type(e).__name__, e)
+        return None
+
+
+def _end(
+    client: MlflowClient,
+    outbox: Outbox,
+    status: str,
+    failure: BaseException | None,
+    folder: Path,
+) -> None:
     """Tag a failure, set the final status, and say where what could not be delivered is kept."""
     run_id = outbox.run_id
-    if failure:
-        outbox.call("tagging the failure", client.set_tag, run_id, "failure_reason", failure)
-        if failure.startswith(Diverged.__name__):
+    if failure is not None:
+        reason = f"{type(failure).__name__}: {failure}"[:5000]
+        outbox.call("tagging the failure", client.set_tag, run_id, "failure_reason", reason)
+        if isinstance(failure, Diverged):
             outbox.call("tagging the divergence", client.set_tag, run_id, "diverged", "true")
-    if not outbox.status_out(status, mlflow.end_run) and mlflow.active_run() is not None:
-        # Still ours locally, and a next job must start clean: end_run forgets it before
-        # calling out, so this second call only clears the local state.
-        with contextlib.suppress(Exception):
-            mlflow.end_run(status)
+    outbox.status_out(status, lambda status: client.set_terminated(run_id, status))
     undelivered = outbox.pending()
     if undelivered:
         manifest = outbox.write_manifest()
