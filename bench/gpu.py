@@ -1,4 +1,6 @@
-"""vaeexp on a GPU: a short end-to-end check and timing through vaeexp's own trainer.
+"""vaeexp on a GPU: a short end-to-end check and timing through vaeexp's own trainer, one run
+and stacks of many (hydra/launcher=stacked's groups), eager and with the step captured as a CUDA
+graph.
 
     python bench/gpu.py                      # CUDA: check, then time (writes RESULTS.md)
     python bench/gpu.py --device cpu --train 1000 --test 200 --epochs 1 --no-write   # the suite
@@ -13,9 +15,12 @@ repository: copy bench/RESULTS.md to where the results come back from.
 It checks the contract a run keeps on the CPU: the data on the device, no host syncs between
 log points (counted with torch's sync debug mode) nor in the film's capture, the IWAE bound, a
 checkpoint written on the device that loads in a process that sees no GPU, and checkpoints that
-resume across devices (written on the device, resumed on the CPU, and back). Every check runs
-and is reported, failed or not. Then it times epochs on the device against the same machine's
-CPU: seconds per epoch, images per second, host syncs per step.
+resume across devices (written on the device, resumed on the CPU, and back); that a captured
+step (runtime.cuda_graph) computes what the eager one does; that each member of a stack of four
+trains as its run alone. Every check runs and is reported, failed or not. Then it times epochs
+on the device against the same machine's CPU (seconds per epoch, images per second, host syncs
+per step), and stacks of M members (`--stacks`) eager and captured: seconds per epoch of the
+whole stack and its images per second, against one run.
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def config(device: str, epochs: int, **overrides: object) -> Config:
             "epochs": epochs,
             "runtime": {"device": device, "progress": False},
             "data": {"name": "generated", "_target_": "none"},
-            **overrides,
         },
+        overrides,  # merged: runtime={...} keeps the device
     )
     return settings(cfg)
 
@@ -108,6 +113,9 @@ def counted_syncs(device: torch.device, fn: Callable[[], T]) -> tuple[T, int | N
 
 Row = tuple[str, str, str]  # measurement, value, note
 EPOCH_END_SYNCS = 4  # reading the epoch's train and test losses back, and the test pass's
+# Once a run: its per-member settings put on the device, and capturing the step.
+SETUP_SYNCS = 24
+STACK_TOLERANCE = 1e-3  # nats: a member against its run alone (reduction order differs)
 
 
 class Checks:
@@ -139,7 +147,8 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
     )
     per_step = 0.0
     if syncs is not None:
-        budget = -(-steps // args.log_every) + EPOCH_END_SYNCS  # a read-back per log point
+        # a read-back per log point and at the epoch's end, and the run's set-up
+        budget = -(-steps // args.log_every) + EPOCH_END_SYNCS + SETUP_SYNCS
         per_step = syncs / steps
         checks(syncs <= budget, f"host syncs: {syncs} in {steps} steps (at most {budget})")
     # The film's capture: the copy off the device is queued; only the worker's call waits.
@@ -163,7 +172,11 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
     train([cfg], data, device, checkpoints=[Checkpoints(first)])
     cpu_only = subprocess.run(
         [sys.executable, "-c", LOAD_ON_CPU, str(first)],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)},
+        env={
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
         capture_output=True,
         text=True,
     )
@@ -191,7 +204,48 @@ def check(args: argparse.Namespace, device: torch.device, data: Dataset) -> tupl
     [again] = train([cfg], data, device)
     same = again.metrics["test/loss"] == loss
     print(f"  same seed twice on {device}: test loss {'identical' if same else 'differs'}")
+    if device.type == "cuda":
+        eager = config(
+            str(device), 1, log_every_n_steps=args.log_every, runtime={"cuda_graph": False}
+        )
+        [plain] = train([eager], data, device)
+        gap = abs(plain.metrics["test/loss"] - loss)
+        checks(gap <= STACK_TOLERANCE, f"captured step vs eager: test loss {gap:.1e} apart")
+    stack_check(args, device, data, checks)
     return checks, per_step
+
+
+def stack_check(
+    args: argparse.Namespace, device: torch.device, data: Dataset, checks: Checks
+) -> None:
+    """A stack of four members of other seeds, learning rates and noise scales: over 20 steps,
+    each ends where its run alone does, to rounding (a shared draw or a leaked gradient is whole
+    nats); over the whole epoch, how far rounding differences have grown is reported."""
+    settings_of = [(0, 1e-3, 1.0), (1, 3e-3, 0.5), (2, 1e-3, 1.0), (3, 2e-3, 0.7)]
+    short = Dataset(
+        data.train_x[:2000], data.train_y[:2000], data.test_x, data.test_y, "generated", "-"
+    )
+    for what, subset in (("20 steps", short), ("one epoch", data)):
+        cfgs = [
+            config(str(device), 1, log_every_n_steps=args.log_every, seed=s, lr=lr, epsilon_std=e)
+            for s, lr, e in settings_of
+        ]
+        stacked, syncs = counted_syncs(device, lambda: train(cfgs, subset, device))  # noqa: B023
+        gaps = [
+            abs(member.metrics["test/loss"] - train([cfg], subset, device)[0].metrics["test/loss"])
+            for member, cfg in zip(stacked, cfgs, strict=True)
+        ]
+        said = f"a stack of 4 on {device}, {what}: each member's test loss {max(gaps):.1e} nats"
+        if what == "20 steps":
+            checks(max(gaps) <= STACK_TOLERANCE, f"{said} from its run alone")
+        else:
+            print(f"  {said} from its run alone (rounding, grown over {stacked[0].step} steps)")
+        if syncs is not None:
+            steps = stacked[0].step
+            budget = -(-steps // args.log_every) + EPOCH_END_SYNCS + SETUP_SYNCS
+            checks(
+                syncs <= budget, f"a stack of 4: {syncs} host syncs in {steps} steps (<= {budget})"
+            )
 
 
 LOAD_ON_CPU = """
@@ -231,6 +285,63 @@ def timing(args: argparse.Namespace, device: torch.device, data: Dataset) -> lis
     return rows
 
 
+def stacks(args: argparse.Namespace, device: torch.device, data: Dataset) -> list[Row]:
+    """Seconds per epoch of stacks of M members (seeds 0..M-1), eager and captured, against
+    one run: the speed of a stacked sweep. Images per second count every member's."""
+    n = len(data.train_x)
+    modes = {"eager": False, "graph": True} if device.type == "cuda" else {"eager": False}
+    seconds: dict[tuple[str, int], float] = {}
+    for members in args.stacks:
+        for mode, graph in modes.items():
+            for precision in ["fp32", *(["bf16"] if members in args.bf16 else [])]:
+                hook = Recorder()
+                cfgs = [
+                    config(
+                        str(device),
+                        args.epochs,
+                        log_every_n_steps=args.log_every,
+                        seed=seed,
+                        runtime={"cuda_graph": graph, "precision": precision},
+                    )
+                    for seed in range(members)
+                ]
+                train(cfgs, data, device, callbacks=[hook])
+                timed = sorted(e["epoch_seconds"] for e in (hook.epochs[1:] or hook.epochs))
+                key = (f"{mode}{'' if precision == 'fp32' else ' ' + precision}", members)
+                seconds[key] = timed[len(timed) // 2]
+                print(f"  M={members} {key[0]}: {seconds[key]:.3f} s per epoch", flush=True)
+    rows = []
+    for (mode, members), s in seconds.items():
+        alone = seconds.get((mode.split()[0], 1))
+        rows.append(
+            (
+                f"stack of {members}, {mode}: seconds per epoch",
+                f"{s:.3f}",
+                f"{members * n / s:,.0f} images/s"
+                + (f"; {s / alone:.2f}x one run's {mode.split()[0]} epoch" if alone else ""),
+            )
+        )
+    if ("graph", 1) in seconds:
+        solo_eager, solo_graph = seconds[("eager", 1)], seconds[("graph", 1)]
+        rows.append(
+            (
+                "one run, captured vs eager: speed-up",
+                f"{solo_eager / solo_graph:.2f}x",
+                "goal >= 3x",
+            )
+        )
+    if ("graph", 64) in seconds:
+        for mode in modes:
+            rows.append(
+                (
+                    f"64 members (captured) vs one run ({mode}): wall per epoch",
+                    f"{seconds[('graph', 64)] / seconds[(mode, 1)]:.2f}x",
+                    "goal <= 1.5x against one run",
+                )
+            )
+    return rows
+
+
 def third_party_imports() -> list[str]:
     """Top-level packages vaeexp's modules imported beyond what torch, torchvision, numpy and
     Hydra import themselves (measured in a fresh interpreter)."""
@@ -252,7 +363,14 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=10_000, help="generated test images")
     parser.add_argument("--log-every", type=int, default=50, help="log_every_n_steps")
     parser.add_argument("--no-write", action="store_true", help="print only; no RESULTS.md")
+    parser.add_argument(
+        "--stacks", help="members of each timed stack (default 1,8,32,64,128,512; CPU: 1,4)"
+    )
+    parser.add_argument("--bf16", default="64,512", help="stack sizes also timed in bf16")
     args = parser.parse_args()
+    default = "1,8,32,64,128,512" if args.device != "cpu" else "1,4"
+    args.stacks = [int(m) for m in (args.stacks or default).split(",")]
+    args.bf16 = [int(m) for m in args.bf16.split(",") if m]
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: --device cuda: no CUDA GPU here; try --device cpu")
     cpu_settings(flush_denormal=True)
@@ -263,7 +381,7 @@ def main() -> None:
     extra = third_party_imports()
     print(f"imports beyond torch, torchvision, numpy, Hydra: {', '.join(extra) or 'none'}")
     checks, syncs_per_step = check(args, device, data)
-    rows = timing(args, device, data)
+    rows = timing(args, device, data) + stacks(args, device, data)
     if device.type == "cuda":
         rows.insert(0, ("GPU", torch.cuda.get_device_name(device), f"torch {torch.__version__}"))
         rows.append(("host syncs per step", f"{syncs_per_step:.3f}", "one read-back a log point"))

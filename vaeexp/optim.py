@@ -10,11 +10,12 @@ how the reference trains, which is why vaeexp.step.objective_weight keeps the re
 
 Written by hand rather than as torch.optim optimizers because each member of a stack (the
 leading dimension of every parameter) has its own lr, rho and eps: torch's optimizers take one
-value per parameter group. A hyperparameter all members share stays a Python number, and the
-update is torch's fused `_foreach` arithmetic over all parameters (a single run's step costs what
-it did with one torch optimizer); one that differs is a (M, 1, 1) tensor broadcast over each
-parameter. Adam follows torch.optim.Adam's arithmetic (eps outside the root, bias corrections
-in the step size), with Keras's defaults (betas 0.9, 0.999).
+value per parameter group. A hyperparameter all members share stays a Python number, and its
+part of the update is torch's fused `_foreach` arithmetic over all parameters (a single run's
+step costs what it did with one torch optimizer, and a large stack's memory-bound update makes
+fewer passes); one that differs is a (M, 1, 1) tensor broadcast over each parameter. Adam
+follows torch.optim.Adam's arithmetic (eps outside the root, bias corrections in the step size),
+with Keras's defaults (betas 0.9, 0.999).
 """
 
 from __future__ import annotations
@@ -61,11 +62,7 @@ class StackedOptimizer:
         self.hyper = {k: _single(v) for k, v in hyper.items()}
         self.state = {name: [torch.zeros_like(p) for p in params] for name in self.STATE}
         self.steps = 0
-
-    @property
-    def fused(self) -> bool:
-        """Every hyperparameter shared: the `_foreach` path."""
-        return not any(isinstance(h, torch.Tensor) for h in self.hyper.values())
+        self.version = 0  # changes when a hyperparameter stops being one shared number
 
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         raise NotImplementedError
@@ -73,10 +70,11 @@ class StackedOptimizer:
     def freeze(self, member: int) -> None:
         """Member `member` learns no more (a diverged member): its lr is 0 from now on."""
         lr = self.hyper["lr"]
-        if not isinstance(lr, torch.Tensor):
+        if not isinstance(lr, torch.Tensor):  # a captured step (vaeexp.trainer) captures again
             lr = torch.full((len(self.params[0]), 1, 1), lr, device=self.params[0].device)
             self.hyper["lr"] = lr
-        lr[member] = 0.0  # in place: a captured step (vaeexp.step) reads this very tensor
+            self.version += 1
+        lr[member] = 0.0
         for tensors in self.state.values():
             for t in tensors:
                 t[member].zero_()
@@ -107,17 +105,11 @@ class KerasRMSprop(StackedOptimizer):
         self.steps += 1
         params, squares = self.params, self.state["square_avg"]
         lr, rho, eps = self.hyper["lr"], self.hyper["rho"], self.hyper["eps"]
-        decay = self.derived["1-rho"]
-        if self.fused:
-            torch._foreach_mul_(squares, rho)
-            torch._foreach_addcmul_(squares, grads, grads, value=decay)
-            denom = torch._foreach_add(squares, eps)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_addcdiv_(params, grads, denom, value=-lr)
-            return
-        for p, g, v in zip(params, grads, squares, strict=True):  # as the fused kernels round
-            v.mul_(rho).add_(decay * g * g)
-            p.sub_(lr * (g / (v + eps).sqrt()))
+        _mul_(squares, rho)
+        _addcmul_(squares, grads, grads, self.derived["1-rho"])
+        denom = _add(squares, eps)
+        torch._foreach_sqrt_(denom)
+        _step_(params, grads, denom, lr)
 
 
 class Adam(StackedOptimizer):
@@ -139,12 +131,49 @@ class Adam(StackedOptimizer):
         root_correction2 = math.sqrt(1 - beta2**self.steps)
         denom = torch._foreach_sqrt(squares)
         torch._foreach_div_(denom, root_correction2)
-        if self.fused:
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, means, denom, value=-lr / correction1)
-            return
-        for p, m, d in zip(params, means, denom, strict=True):
-            p.sub_((lr / correction1) * (m / (d + eps)))
+        denom = _add(denom, eps)
+        _step_(params, means, denom, lr / correction1)
+
+
+# The update's arithmetic, for a hyperparameter that is one number (torch's fused `_foreach`
+# kernels) or one per member (broadcast over each parameter), rounded alike either way.
+
+
+def _mul_(xs: list[torch.Tensor], h: Hyper) -> None:
+    if isinstance(h, torch.Tensor):
+        for x in xs:
+            x.mul_(h)
+    else:
+        torch._foreach_mul_(xs, h)
+
+
+def _addcmul_(
+    xs: list[torch.Tensor], a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], h: Hyper
+) -> None:
+    """x += h * a * b"""
+    if isinstance(h, torch.Tensor):
+        for x, ai, bi in zip(xs, a, b, strict=True):
+            x.addcmul_(ai * h, bi)
+    else:
+        torch._foreach_addcmul_(xs, a, b, value=h)
+
+
+def _add(xs: list[torch.Tensor], h: Hyper) -> list[torch.Tensor]:
+    if isinstance(h, torch.Tensor):
+        return [x + h for x in xs]
+    return list(torch._foreach_add(xs, h))
+
+
+def _step_(
+    params: list[torch.Tensor], num: Sequence[torch.Tensor], denom: list[torch.Tensor], lr: Hyper
+) -> None:
+    """p -= lr * num / denom (`denom` is overwritten)."""
+    if isinstance(lr, torch.Tensor):
+        for p, n, d in zip(params, num, denom, strict=True):
+            torch.div(n, d, out=d)
+            p.addcmul_(d, lr, value=-1.0)
+    else:
+        torch._foreach_addcdiv_(params, num, denom, value=-lr)
 
 
 def make_optimizer(

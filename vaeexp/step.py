@@ -44,8 +44,8 @@ class MembersDiverged(Diverged):
 def setup(
     cfgs: Sequence[Config], device: torch.device, as_tensors: bool = False
 ) -> tuple[VAE, StackedOptimizer]:
-    """The stack's model, each member seeded as its job alone, and its optimizer (per-member
-    hyperparameters as tensors with `as_tensors`, which a captured step needs)."""
+    """The stack's model, each member seeded as its job alone, and its optimizer (with
+    `as_tensors`, every hyperparameter one per member, even where all members agree)."""
     first = cfgs[0]
     model = VAE(
         first.latent_dim,
@@ -193,8 +193,8 @@ def train_step(
     (M, b, latent_dim) ~ N(0, 1); returns each member's per-image (recon, kl) in nats, (M, b),
     before the step: unweighted, whatever the KL weight of the objective. With `check_finite`,
     members whose loss is not finite raise MembersDiverged before anything is updated."""
-    if settings.bf16:
-        with torch.autocast(x.device.type, torch.bfloat16):
+    if settings.bf16:  # no cast cache: a captured step (CUDA graph) must not keep one
+        with torch.autocast(x.device.type, torch.bfloat16, cache_enabled=False):
             recon, kl = settings.loss_terms(model, x, settings.epsilon_std, noise=noise)
         recon, kl = recon.float(), kl.float()
     else:

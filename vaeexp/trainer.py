@@ -119,9 +119,8 @@ def train(
     cfg, members = cfgs[0], len(cfgs)
     checkpoints = list(checkpoints or [Checkpoints() for _ in cfgs])
     stop = stop or StopFlag()
-    captured = CapturedStep.possible(cfgs, device)
-    model, optimizer = setup(cfgs, device, as_tensors=captured)
-    step_fn = CapturedStep() if captured else train_step
+    model, optimizer = setup(cfgs, device)
+    step_fn = CapturedStep() if CapturedStep.possible(cfgs, device) else train_step
     pos, metrics = Position.start(members, device), [{} for _ in cfgs]
     _restore(cfgs, checkpoints, model, optimizer, pos, metrics)
 
@@ -237,6 +236,8 @@ class _Stack:
     ) -> None:
         """Every training member's checkpoint; a stopped one keeps its last good one."""
         for m in self.active:
+            if checkpoints[m].path is None:  # nothing to write: no copies off the device
+                continue
             state = training_state(cfgs[m], self.model, self.optimizer, m, pos, metrics[m])
             checkpoints[m].save(state)
 
@@ -265,7 +266,8 @@ class CapturedStep:
     backward passes and the optimizer's update, a few dozen small kernels that an eager GPU step
     launches one by one from Python, are one launch. Captured after a few eager steps on a side
     stream (what capture requires); a batch of another shape (an epoch's short last batch) runs
-    eagerly. The captured kernels are the eager ones: the numbers do not change.
+    eagerly. The captured kernels are the eager ones: the numbers do not change. A learning rate
+    that stops being one shared number (a member stopped: its lr is 0) is captured anew.
 
     Possible on CUDA with `runtime.cuda_graph` (the default), for what has no per-step value that
     the graph would freeze: not with Adam (its bias corrections change every step), a KL warm-up,
@@ -275,6 +277,7 @@ class CapturedStep:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.version = -1  # the optimizer's, when captured: a member stopped since, capture again
         self.graph: Any = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -310,7 +313,8 @@ class CapturedStep:
                 out = train_step(model, optimizer, x, noise, settings, step)
             torch.cuda.current_stream().wait_stream(side)
             return out
-        if self.graph is None:
+        if self.graph is None or self.version != optimizer.version:
+            self.version = optimizer.version
             self.inputs = (x.clone(), noise.clone())
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
