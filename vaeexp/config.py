@@ -234,7 +234,7 @@ def identity(of, *, epochs=True):
     own run."""
     left_out = WHERE_OR_HOW if epochs else (*WHERE_OR_HOW, "epochs")
     if isinstance(of, dict):
-        return _without(of, left_out)
+        return without(of, left_out)
     pairs = [o.lstrip("+~").split("=", 1) for o in of if "=" in o]
     return [(k, v) for k, v in pairs if not _left_out(k, left_out)]
 
@@ -249,11 +249,12 @@ def run_name(overrides: Sequence[str], sep: str = ",") -> str:
     return sep.join(f"{k}={v}" for k, v in identity(overrides)) or "defaults"
 
 
-def _without(tree: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+def without(tree: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    """`tree` less the dotted `keys`."""
     out = {}
     for k, v in tree.items():
         full = f"{prefix}{k}"
         if full in keys:
             continue
-        out[k] = _without(v, keys, f"{full}.") if isinstance(v, dict) else v
+        out[k] = without(v, keys, f"{full}.") if isinstance(v, dict) else v
     return out

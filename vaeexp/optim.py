@@ -167,11 +167,10 @@ def _add(xs: list[torch.Tensor], h: Hyper) -> list[torch.Tensor]:
 def _step_(
     params: list[torch.Tensor], num: Sequence[torch.Tensor], denom: list[torch.Tensor], lr: Hyper
 ) -> None:
-    """p -= lr * num / denom (`denom` is overwritten)."""
+    """p += (-lr * num) / denom, in the order torch's fused kernel rounds it."""
     if isinstance(lr, torch.Tensor):
         for p, n, d in zip(params, num, denom, strict=True):
-            torch.div(n, d, out=d)
-            p.addcmul_(d, lr, value=-1.0)
+            p.addcdiv_(n * -lr, d)
     else:
         torch._foreach_addcdiv_(params, num, denom, value=-lr)
 

@@ -44,7 +44,7 @@ from vaeexp.tracking.store import (
     finished_run,
     unfinished_run_in,
 )
-from vaeexp.trainer import Result, train
+from vaeexp.trainer import Callback, Result, train
 from vaeexp.validate import validate
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,13 @@ class Recipe:
         finally:
             failed = isinstance(error, Exception) and not isinstance(error, Diverged)
             if failed and self.multirun:
+                # Only jobs with no run of their own: one that has a run (this time, or in the
+                # sweep it continues) or has finished already is counted through that run.
+                known = {id(m.job) for m in self.members if m.run or m.finished or m.resume}
+                known |= {id(m.job) for m in self.members if m.adopted_run_id}
                 for job in self.jobs:
-                    _record_failure(job, error)
+                    if id(job) not in known:
+                        _record_failure(job, error)
 
     def plan(self) -> None:
         for job in self.jobs:  # before any data is loaded or any MLflow run is created
@@ -179,8 +184,7 @@ class Recipe:
             if member.run is None or member.result is None:
                 continue
             result = member.result
-            if result.diverged:
-                member.run.fail(Diverged(result.diverged))
+            if result.diverged:  # its run ends FAILED (_FailWhenDiverged)
                 member.test_loss = DIVERGED_PENALTY
                 if self.multirun:  # a sweeper gets a finite value: Optuna's plugin stops on NaN
                     log.error(
@@ -220,7 +224,7 @@ class Recipe:
             )
             if member.job.group:  # the one thing that tells a stacked member from a job alone
                 member.run.tag("stacked.group", member.job.group)
-            for callback in member.run.callbacks:
+            for callback in [*member.run.callbacks, _FailWhenDiverged(member.run)]:
                 callback.member = index
                 callbacks.append(callback)
         loggers = [m.run.logger for m in members]
@@ -241,6 +245,18 @@ class Recipe:
             )
         for member, result in zip(members, results, strict=True):
             member.result = result
+
+
+class _FailWhenDiverged(Callback):
+    """A member that diverges is failed in its run at once: it ends FAILED, tagged `diverged`,
+    however the others end (a later Ctrl-C, another error)."""
+
+    def __init__(self, run: TrackedRun) -> None:
+        self.run = run
+
+    def on_diverged(self, member: int, reason: str) -> None:
+        if member == self.member:
+            self.run.fail(Diverged(reason))
 
 
 def _record_failure(job: Job, error: BaseException) -> None:

@@ -24,6 +24,7 @@ trials it asks for is one launch, so it trains as one group.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from vaeexp.config import plain, settings
+from vaeexp.config import plain, settings, without
 from vaeexp.jobs import task_config
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,24 @@ PER_JOB = (
 )
 
 
+def check_launcher(launcher: Any) -> None:
+    """A sweep's `hydra.launcher` config: if it is this launcher, its settings are checked in
+    the launching process, before the sweep's parent run exists."""
+    if launcher.get("_target_") != TARGET:
+        return
+    size = launcher.get("max_members")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        from vaeexp.validate import ConfigError
+
+        raise ConfigError(
+            f"hydra.launcher.max_members={size} is not allowed: must be an integer >= 1"
+        )
+
+
 def group_key(task_cfg: DictConfig) -> str:
     """What the jobs of one group share: the whole config but `PER_MEMBER` and `PER_JOB`."""
     tree = plain(settings(task_cfg))
-    kept = _without(tree, (*PER_MEMBER, *PER_JOB))
+    kept = without(tree, (*PER_MEMBER, *PER_JOB))
     return OmegaConf.to_yaml(OmegaConf.create(kept))
 
 
@@ -91,16 +106,6 @@ def groups(task_cfgs: Sequence[DictConfig], max_members: int) -> list[list[int]]
     out = []
     for members in by_key.values():
         out += [members[i : i + max_members] for i in range(0, len(members), max_members)]
-    return out
-
-
-def _without(tree: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        full = f"{prefix}{k}"
-        if full in keys:
-            continue
-        out[k] = _without(v, keys, f"{full}.") if isinstance(v, dict) else v
     return out
 
 
@@ -117,15 +122,9 @@ class _Prepared:
 class StackedLauncher(Launcher):
     """Hydra's launcher interface; `launch` trains each group of the jobs it is given."""
 
-    def __init__(self, max_members: int = 64) -> None:
+    def __init__(self, max_members: int) -> None:
         super().__init__()
-        if max_members < 1:
-            from vaeexp.validate import ConfigError
-
-            raise ConfigError(
-                f"hydra.launcher.max_members={max_members} is not allowed: must be an integer >= 1"
-            )
-        self.max_members = max_members
+        self.max_members = max_members  # checked before the sweep starts (check_launcher)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -140,6 +139,7 @@ class StackedLauncher(Launcher):
     ) -> Sequence[JobReturn]:
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
+        check_launcher(self.config.hydra.launcher)  # a dry run's too
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         configs = []
@@ -218,12 +218,17 @@ class StackedLauncher(Launcher):
                 callbacks.on_job_start(config=p.config, task_function=self.task_function)
             from vaeexp.recipe import train_jobs  # torch and MLflow: only once a group trains
 
-            values = train_jobs([p.job for p in prepared])
+            try:
+                values: list[Any] = list(train_jobs([p.job for p in prepared]))
+                status = JobStatus.COMPLETED
+            except Exception as e:  # as Hydra's run_job records a job's error; then the sweep
+                values, status = [e] * len(prepared), JobStatus.FAILED  # stops with it (below)
             for p, value in zip(prepared, values, strict=True):
-                p.ret.return_value = value
-                p.ret.status = JobStatus.COMPLETED
+                p.ret.return_value, p.ret.status = value, status
                 p.ret.task_name = JobRuntime.instance().get("name")
                 callbacks.on_job_end(config=p.config, job_return=p.ret)
+            if status == JobStatus.FAILED:
+                raise values[0]
         finally:
             for handler in handlers:
                 logging.root.removeHandler(handler)
@@ -241,7 +246,7 @@ class StackedLauncher(Launcher):
         HydraConfig.instance().set_config(config)
         task_cfg = task_config(config)
         ret = JobReturn()
-        ret.cfg, ret.hydra_cfg = task_cfg, OmegaConf.create({"hydra": config.hydra})
+        ret.cfg, ret.hydra_cfg = task_cfg, copy.deepcopy(HydraConfig.instance().cfg)
         ret.overrides = list(config.hydra.overrides.task)
         ret.working_dir = os.getcwd()
         Path(output_dir).mkdir(parents=True, exist_ok=True)

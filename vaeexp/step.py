@@ -25,7 +25,7 @@ from vaeexp.config import Binarize, Config, ObjectiveScale, Precision
 from vaeexp.model import IMAGE_DIM, VAE, loss_terms
 from vaeexp.optim import Hyper, StackedOptimizer, make_optimizer, per_member
 
-TEST_SEED = 2024  # test-set noise has its own generator: scoring never moves training's RNG
+TEST_SEED = 2024  # test-set noise: the same draws for every member and every epoch
 NOISE, BINARIZE = 1, 2  # streams of a member's (seed, epoch) draws (`stream_seed`)
 
 
@@ -41,11 +41,8 @@ class MembersDiverged(Diverged):
         self.reasons = reasons
 
 
-def setup(
-    cfgs: Sequence[Config], device: torch.device, as_tensors: bool = False
-) -> tuple[VAE, StackedOptimizer]:
-    """The stack's model, each member seeded as its job alone, and its optimizer (with
-    `as_tensors`, every hyperparameter one per member, even where all members agree)."""
+def setup(cfgs: Sequence[Config], device: torch.device) -> tuple[VAE, StackedOptimizer]:
+    """The stack's model, each member seeded as its job alone, and its optimizer."""
     first = cfgs[0]
     model = VAE(
         first.latent_dim,
@@ -56,7 +53,7 @@ def setup(
     ).to(device)
 
     def hyper(key: str) -> Hyper:
-        return per_member([getattr(c, key) for c in cfgs], device, as_tensors, torch.float64)
+        return per_member([getattr(c, key) for c in cfgs], device, dtype=torch.float64)
 
     params = list(model.parameters())
     optimizer = make_optimizer(
@@ -71,16 +68,18 @@ def stream_seed(seed: int, epoch: int, stream: int, batch: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream, batch]).generate_state(1, np.uint64)[0])
 
 
-def batch_order(cfgs: Sequence[Config], epoch: int, n: int) -> torch.Tensor:
-    """Each member's shuffled order of the n training images in `epoch`, (M, n), in pinned CPU
-    memory (its copy to a GPU waits for nothing). Seeded as vaeexp has always shuffled: runs
-    keep their batch order."""
+def batch_order(cfgs: Sequence[Config], epoch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Each member's shuffled order of the n training images in `epoch`, (M, n), on `device`
+    (to a GPU from pinned memory: the copy waits for nothing). Seeded as vaeexp has always
+    shuffled: runs keep their batch order."""
     orders = [
         torch.randperm(n, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
         for c in cfgs
     ]
     stacked = torch.stack(orders)
-    return stacked.pin_memory() if torch.cuda.is_available() else stacked
+    if device.type != "cuda":
+        return stacked.to(device)
+    return stacked.pin_memory().to(device, non_blocking=True)
 
 
 def epoch_noise(
@@ -264,10 +263,3 @@ def divergences(
                 reasons[m] = f"{where} loss diverged at step {step}: {term} is {value}"
                 break
     return reasons
-
-
-def check_finite(step: int, recon: float, kl: float, where: str = "training") -> None:
-    """Raise Diverged if one run's loss terms are not finite."""
-    reasons = divergences(step, [recon], [kl], where)
-    if reasons:
-        raise Diverged(reasons[0])

@@ -110,23 +110,24 @@ class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.dry_run:
             return
+        from vaeexp import slurm, stacked
         from vaeexp.jobs import validate_sweep
 
         try:  # every job, before anything is created: no parent run, no sweep folder
             jobs = validate_sweep(config)
+            stacked.check_launcher(config.hydra.launcher)
         except ConfigError as e:
             _exit(e, 2)
         # Imported here: Hydra builds this callback for every run, and a single run or a config
         # error should not pay for MLflow before it needs it.
         from mlflow.tracking import MlflowClient
 
-        from vaeexp.slurm import check_launcher
         from vaeexp.tracking.store import TrackingUnavailable, check_reachable, experiment_for
 
         uri = config.tracking.uri
         try:
             check_reachable(uri, config.tracking.experiment)  # before the parent run exists
-            check_launcher(config.hydra.launcher)  # a SLURM request no node can hold
+            slurm.check_launcher(config.hydra.launcher)  # a SLURM request no node can hold
         except TrackingUnavailable as e:
             _exit(e, 1)
         except ConfigError as e:

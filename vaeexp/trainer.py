@@ -70,7 +70,7 @@ class Callback:
     ) -> None:
         """After optimiser step `step` (counted from 1) of epoch `epoch` (counted from 1).
         `recon` and `kl` are each member's per-image terms before the step, (M, b): read them,
-        detach what is kept."""
+        copy what is kept (a captured step overwrites them with the next)."""
 
     def on_metrics(self, step: int, metrics: dict[int, dict[str, float]]) -> None:
         """A step-metric point of each member still training: "loss", "recon" and "kl", the
@@ -139,7 +139,7 @@ def train(
         log.info("training %d steps, from step %d", total - pos.step, first_step)
         while pos.epoch < cfg.epochs and stack.training:
             started = time.perf_counter()
-            order = batch_order(cfgs, pos.epoch, n).to(device, non_blocking=True)  # (seed, epoch)
+            order = batch_order(cfgs, pos.epoch, n, device)  # stateless: (seed, epoch)
             noise = epoch_noise(cfgs, pos.epoch, n, device, noise)
             for batch in range(pos.batch, steps_per_epoch):
                 rows = slice(batch * cfg.batch_size, min(n, (batch + 1) * cfg.batch_size))
@@ -175,8 +175,7 @@ def train(
             if pos.window_images:
                 _flush_window(pos, stack, bar)  # the epoch's tail
             pos.epoch, pos.batch = pos.epoch + 1, 0
-            seconds = time.perf_counter() - started
-            epoch_metrics = end_of_epoch(cfgs, model, pos, n, test_x, seconds, stack, settings)
+            epoch_metrics = end_of_epoch(cfgs, model, pos, n, test_x, started, stack, settings)
             if not stack.training:
                 break
             for m, values in epoch_metrics.items():
@@ -322,6 +321,7 @@ class CapturedStep:
         else:
             self.inputs[0].copy_(x)
             self.inputs[1].copy_(noise)
+            optimizer.steps += 1  # what the eager step counts, in Python, outside the graph
         self.graph.replay()
         return self.outputs
 
@@ -373,7 +373,7 @@ def end_of_epoch(
     pos: Position,
     n: int,
     test_x: torch.Tensor,
-    seconds: float,
+    started: float,
     stack: _Stack,
     settings: StepSettings,
 ) -> dict[int, dict[str, float]]:
@@ -386,6 +386,7 @@ def end_of_epoch(
     recon, kl = [t["recon"] for t in test], [t["kl"] for t in test]
     failed = divergences(pos.step, recon, kl, where="test set")
     stack.stop({m: why for m, why in failed.items() if m in stack.active})
+    seconds = time.perf_counter() - started  # the epoch, its test pass included
     out = {}
     for m in stack.active:
         (train_recon, train_kl), scores = sums[m], test[m]

@@ -20,7 +20,8 @@ from vaeexp.validate import RULES
 
 PACKAGE = PROJECT_ROOT / "vaeexp"
 # Lower layers never import higher ones: where things live -> config -> data/model -> a sweep's
-# jobs -> the step -> the trainer -> tracking/film -> compare -> sweeps, launchers -> the commands.
+# jobs -> the step -> the trainer -> tracking/film -> compare, recipe -> the stacked launcher ->
+# sweep -> the commands.
 LAYERS = [
     ["vaeexp.paths", "vaeexp.process"],
     ["vaeexp.config"],
@@ -31,7 +32,8 @@ LAYERS = [
     ["vaeexp.trainer"],
     ["vaeexp.tracking", "vaeexp.film"],
     ["vaeexp.compare", "vaeexp.slurm", "vaeexp.recipe"],
-    ["vaeexp.sweep", "vaeexp.stacked"],
+    ["vaeexp.stacked"],
+    ["vaeexp.sweep"],
     ["vaeexp.app", "vaeexp.iwae", "vaeexp.sync", "vaeexp.ui"],
     ["vaeexp.__main__"],
 ]
