@@ -2,7 +2,7 @@
 of the full Fashion-MNIST, reference settings, everything a sweep records) with Hydra's basic
 launcher, one job after another, and with `hydra/launcher=stacked`, the 8 jobs as one stacked
 model, as whole `python -m vaeexp -m` processes, interleaved `--reps` times; it prints both wall
-times and their ratio and checks that each seed's final test loss is the same both ways.
+times and their ratio, and how far apart each seed's final test loss is the two ways.
 
 On two busy cores stacking saves the jobs' start-ups and fixed costs, not their arithmetic: the
 goal is only that the stacked sweep is no slower (ratio >= 1.0). Writes its section of

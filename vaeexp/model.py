@@ -7,7 +7,8 @@ optimised objective: see `vaeexp.step.objective_weight`), as a *stack* of indepe
 Every layer holds M members' weights with a leading member dimension, and applies them with one
 batched product (`torch.baddbmm`), so one kernel does the work of M models: a sweep's settings
 train together (vaeexp.stacked), and a single run is a stack of one. Members never mix: each
-product, sum and optimiser update is per member, so each member trains exactly as it would alone.
+product, sum and optimiser update is per member, so each member computes what it would alone,
+to the rounding of a batched product.
 
 Inputs are (M, n, 784), one batch per member, or (n, 784), the same images for every member.
 A one-member model given (n, 784) answers in (n, ...): it is the plain VAE that inference, the
@@ -30,7 +31,7 @@ INITS = ("glorot", "torch")
 class StackedLinear(nn.Module):
     """M Dense layers: weight (M, in, out), bias (M, 1, out)."""
 
-    def __init__(self, members: int, in_features: int, out_features: int):
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(members, in_features, out_features))

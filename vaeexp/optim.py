@@ -54,7 +54,7 @@ class StackedOptimizer:
 
     STATE: tuple[str, ...] = ()
 
-    def __init__(self, params: list[torch.Tensor], hyper: dict[str, Hyper]):
+    def __init__(self, params: list[torch.Tensor], hyper: dict[str, Hyper]) -> None:
         """`hyper`'s tensors may be float64, so that what is derived from them (1 - rho) rounds
         as the same number does on the fused path; they are used in float32."""
         self.params = params

@@ -1,10 +1,10 @@
 """`hydra/launcher=stacked`: a sweep's jobs that can share one model train together, as one
 stacked model (vaeexp.model), in the launching process.
 
-On a GPU a single run of this small MLP leaves the device waiting on Python and on kernel
-launches; a stack of M members makes each kernel do the work of M models, so a sweep of many
-settings takes about the time of one run (HFTA, Wang et al., MLSys 2021, fuses jobs the same
-way). On a CPU it saves the jobs' start-ups, not their work.
+On a GPU a single run of this small MLP leaves the device waiting on kernel launches; a stack
+of M members makes each kernel do the work of M models, so a group of many settings trains in
+a small multiple of one run's time (HFTA, Wang et al., MLSys 2021, fuses jobs the same way). On
+a CPU it saves the jobs' start-ups, not their work.
 
 Jobs form *groups*: those equal in every setting but the ones a member may have of its own
 (`PER_MEMBER`: the seed, the optimizer's and the objective's scalars) and the ones only its run

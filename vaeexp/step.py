@@ -36,7 +36,7 @@ class Diverged(RuntimeError):
 class MembersDiverged(Diverged):
     """Some members' losses stopped being finite; `reasons` maps each to its message."""
 
-    def __init__(self, reasons: dict[int, str]):
+    def __init__(self, reasons: dict[int, str]) -> None:
         super().__init__("; ".join(reasons.values()))
         self.reasons = reasons
 
@@ -109,6 +109,7 @@ def binarized(x: torch.Tensor, cfgs: Sequence[Config], epoch: int, batch: int) -
 
 
 def dynamic_binarization(cfg: Config) -> bool:
+    """Whether each batch is drawn anew as Bernoulli pixels (`binarized`)."""
     return cfg.data.binarize == Binarize.dynamic
 
 
