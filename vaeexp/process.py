@@ -138,6 +138,8 @@ def job_threads(threads: int, launcher: Any = None) -> int:
         return max(1, cores // parallel)
     if "submitit" in target:  # each job's own allocation; submitit_local starts all at once
         return int(launcher.get("cpus_per_task") or 1)
+    if target.endswith("StackedLauncher") and (launcher.get("parallel_groups") or 1) > 1:
+        return max(1, cores // int(launcher.get("parallel_groups")))  # groups side by side
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
 from hydra.core.utils import (
     JobReturn,
     JobRuntime,
@@ -82,13 +83,17 @@ def check_launcher(launcher: Any) -> None:
     the launching process, before the sweep's parent run exists."""
     if launcher.get("_target_") != TARGET:
         return
-    size = launcher.get("max_members")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        from vaeexp.validate import ConfigError
+    from vaeexp.validate import ConfigError
 
-        raise ConfigError(
-            f"hydra.launcher.max_members={size} is not allowed: must be an integer >= 1"
-        )
+    for key, may_be_null in (("max_members", False), ("parallel_groups", True)):
+        value = launcher.get(key)
+        if value is None and may_be_null:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            allowed = "null (one per visible GPU) or " if may_be_null else ""
+            raise ConfigError(
+                f"hydra.launcher.{key}={value} is not allowed: must be {allowed}an integer >= 1"
+            )
 
 
 def group_key(task_cfg: DictConfig) -> str:
@@ -122,9 +127,11 @@ class _Prepared:
 class StackedLauncher(Launcher):
     """Hydra's launcher interface; `launch` trains each group of the jobs it is given."""
 
-    def __init__(self, max_members: int) -> None:
+    def __init__(self, max_members: int, parallel_groups: int | None) -> None:
         super().__init__()
-        self.max_members = max_members  # checked before the sweep starts (check_launcher)
+        # Both checked before the sweep starts (check_launcher); parallel_groups is read from the
+        # sweep's config (parallel_groups()).
+        self.max_members = max_members
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -154,20 +161,43 @@ class StackedLauncher(Launcher):
         planned = groups(task_cfgs, self.max_members)
         if self.config.dry_run:
             return self._dry_run(configs, planned, initial_job_idx)
+        lanes = min(parallel_groups(self.config.hydra.launcher, task_cfgs[0]), len(planned))
         log.info(
-            "stacked: %d jobs in %d groups (%s members)",
+            "stacked: %d jobs in %d groups (%s members)%s",
             len(configs),
             len(planned),
             ", ".join(str(len(g)) for g in planned),
+            f", {lanes} at a time" if lanes > 1 else "",
         )
+        work = [
+            (
+                [configs[i] for i in members],
+                f"jobs {', '.join(str(initial_job_idx + i) for i in members)}",
+                number,
+            )
+            for number, members in enumerate(planned, start=1)
+        ]
+        if lanes > 1:  # one process a lane (a GPU), each training its share of the groups in turn
+            from joblib import Parallel, delayed
+
+            state = Singleton.get_state()
+            done = Parallel(n_jobs=lanes, backend="loky")(
+                delayed(_train_lane)(self, work[lane::lanes], len(planned), lane, lanes, state)
+                for lane in range(lanes)
+            )
+            trained = {w[2]: rets for lane in done for w, rets in lane}
+        else:
+            trained = {}
+            for group in work:
+                trained[group[2]] = self._train_group(*group, len(planned))
+                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+                _raise_if_failed(trained[group[2]])  # a group's error stops the sweep
+        for rets in trained.values():
+            _raise_if_failed(rets)
         returns: list[JobReturn | None] = [None] * len(configs)
         for number, members in enumerate(planned, start=1):
-            jobs = ", ".join(str(initial_job_idx + i) for i in members)
-            label = f"jobs {jobs}"
-            done = self._train_group([configs[i] for i in members], label, number, len(planned))
-            for index, ret in zip(members, done, strict=True):
+            for index, ret in zip(members, trained[number], strict=True):
                 returns[index] = ret
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns  # type: ignore[return-value]
 
     def _dry_run(
@@ -221,14 +251,12 @@ class StackedLauncher(Launcher):
             try:
                 values: list[Any] = list(train_jobs([p.job for p in prepared]))
                 status = JobStatus.COMPLETED
-            except Exception as e:  # as Hydra's run_job records a job's error; then the sweep
-                values, status = [e] * len(prepared), JobStatus.FAILED  # stops with it (below)
+            except Exception as e:  # as Hydra's run_job records a job's error; the launch then
+                values, status = [e] * len(prepared), JobStatus.FAILED  # stops the sweep with it
             for p, value in zip(prepared, values, strict=True):
                 p.ret.return_value, p.ret.status = value, status
                 p.ret.task_name = JobRuntime.instance().get("name")
                 callbacks.on_job_end(config=p.config, job_return=p.ret)
-            if status == JobStatus.FAILED:
-                raise values[0]
         finally:
             for handler in handlers:
                 logging.root.removeHandler(handler)
@@ -260,6 +288,57 @@ class StackedLauncher(Launcher):
         name = f"job {config.hydra.job.num}"
         job = Job(task_cfg, ret.overrides, Path(output_dir), name, group=label)
         return _Prepared(config, task_cfg, ret, job)
+
+
+def parallel_groups(launcher: Any, task_cfg: DictConfig) -> int:
+    """Groups trained at once, each in a process of its own: `hydra.launcher.parallel_groups`,
+    or (null) one per visible GPU where the groups train on CUDA, else one."""
+    chosen = launcher.get("parallel_groups")
+    if chosen is not None:
+        return int(chosen)
+    device = settings(task_cfg).runtime.device.value
+    if device not in ("auto", "cuda"):
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def _train_lane(
+    launcher: StackedLauncher,
+    work: list[tuple[list[DictConfig], str, int]],
+    total: int,
+    lane: int,
+    lanes: int,
+    singleton_state: dict[Any, Any],
+) -> list[tuple[tuple[list[DictConfig], str, int], list[JobReturn]]]:
+    """In a worker process (joblib's, as Hydra's joblib launcher runs its jobs): Hydra's state
+    and vaeexp's resolvers as in the launching process, this lane's GPU (or its share of the
+    CPU's cores), then its groups one after another."""
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    from vaeexp import process
+    from vaeexp.config import register
+
+    register()
+    process.prepare()
+    import torch
+
+    device = settings(task_config(work[0][0][0])).runtime.device.value
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(lane % torch.cuda.device_count())  # "cuda" is this one
+    done = []
+    for group in work:
+        done.append((group, launcher._train_group(*group, total)))
+        if any(r.status == JobStatus.FAILED for r in done[-1][1]):
+            break  # the lane stops at a group's error, which stops the sweep
+    return done
+
+
+def _raise_if_failed(returns: list[JobReturn]) -> None:
+    for ret in returns:
+        if ret.status == JobStatus.FAILED:
+            _ = ret.return_value  # Hydra's JobReturn raises the job's error
 
 
 def _log_to_every_folder(prepared: list[_Prepared]) -> list[logging.Handler]:

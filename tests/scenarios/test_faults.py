@@ -237,7 +237,9 @@ def _checkpoint_size(folder: Path, *overrides: str) -> int:
     cfg = settings(make_cfg(*overrides, "epochs=1", "data.train_limit=10", "batch_size=10"))
     path = folder / checkpoint.FILENAME
     checkpoints = Checkpoints(path, None, {"mlflow_run_id": "0" * 32})  # as a run's
-    train(cfg, load_data(cfg.data, progress=False), torch.device("cpu"), checkpoints=checkpoints)
+    train(
+        [cfg], load_data(cfg.data, progress=False), torch.device("cpu"), checkpoints=[checkpoints]
+    )
     return path.stat().st_size
 
 

@@ -104,8 +104,8 @@ def test_each_member_is_recorded_as_its_job_alone(tmp_path: Path):
             assert "diverged at step" in run.data.tags["failure_reason"]
 
 
-# Long enough to be interrupted after its first epoch (30 steps an epoch), quick to start.
-LONG = ["data=mnist_bundled", "data.train_limit=3000", "data.test_limit=100", "epochs=5"]
+# Long enough to be interrupted after its first epoch (20 steps an epoch), quick to start.
+LONG = ["data=mnist_bundled", "data.train_limit=2000", "data.test_limit=100", "epochs=5"]
 LONG += ["runtime.progress=false", "tracking.log_model=false", "iwae.images=0", "film=off"]
 
 
@@ -138,6 +138,25 @@ def test_a_stopped_group_resumes_each_member_into_its_own_run(tmp_path: Path):
         assert run.info.status == "FINISHED"
         assert metric_steps(client, run.info.run_id, "test/loss") == [1, 2, 3, 4, 5]
         assert run.data.tags["stacked.group"] == "jobs 0, 1, 2"
+
+
+def test_groups_side_by_side_each_in_a_process_of_its_own(tmp_path: Path):
+    """`hydra.launcher.parallel_groups=2` (what two visible GPUs give): the two groups train at
+    once, each in a worker process on its share of the cores, each member in its own run."""
+    env = env_for(tmp_path)
+    result = run_cli(
+        "-m", "seed=0,1", "latent_dim=2,3", "hydra/launcher=stacked",
+        "hydra.launcher.parallel_groups=2", *LONG[:3], "epochs=2", *LONG[4:], env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 jobs in 2 groups (2, 2 members), 2 at a time" in result.stdout + result.stderr
+    _, parent, children = sweep_runs(env["MLFLOW_TRACKING_URI"])
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    groups = {r.data.params["latent_dim"]: r.data.tags["stacked.group"] for r in children}
+    assert groups == {"2": "jobs 0, 2", "3": "jobs 1, 3"}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["runtime.threads.resolved"] == "1"  # 2 groups on 2 cores
 
 
 def test_dry_run_lists_the_groups(tmp_path: Path):
