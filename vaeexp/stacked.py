@@ -119,7 +119,6 @@ class _Prepared:
     """A job set up as Hydra's `run_job` sets one up, before its group trains."""
 
     config: DictConfig  # the job's whole config, Hydra's node included
-    task_cfg: DictConfig
     ret: JobReturn
     job: Any  # vaeexp.recipe.Job
 
@@ -129,9 +128,8 @@ class StackedLauncher(Launcher):
 
     def __init__(self, max_members: int, parallel_groups: int | None) -> None:
         super().__init__()
-        # Both checked before the sweep starts (check_launcher); parallel_groups is read from the
-        # sweep's config (parallel_groups()).
-        self.max_members = max_members
+        # Both checked before the sweep starts (check_launcher).
+        self.max_members, self.parallel_groups = max_members, parallel_groups
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -161,7 +159,7 @@ class StackedLauncher(Launcher):
         planned = groups(task_cfgs, self.max_members)
         if self.config.dry_run:
             return self._dry_run(configs, planned, initial_job_idx)
-        lanes = min(parallel_groups(self.config.hydra.launcher, task_cfgs[0]), len(planned))
+        lanes = min(parallel_groups(self.parallel_groups, task_cfgs[0]), len(planned))
         log.info(
             "stacked: %d jobs in %d groups (%s members)%s",
             len(configs),
@@ -287,13 +285,12 @@ class StackedLauncher(Launcher):
 
         name = f"job {config.hydra.job.num}"
         job = Job(task_cfg, ret.overrides, Path(output_dir), name, group=label)
-        return _Prepared(config, task_cfg, ret, job)
+        return _Prepared(config, ret, job)
 
 
-def parallel_groups(launcher: Any, task_cfg: DictConfig) -> int:
-    """Groups trained at once, each in a process of its own: `hydra.launcher.parallel_groups`,
-    or (null) one per visible GPU where the groups train on CUDA, else one."""
-    chosen = launcher.get("parallel_groups")
+def parallel_groups(chosen: int | None, task_cfg: DictConfig) -> int:
+    """Groups trained at once, each in a process of its own: `hydra.launcher.parallel_groups`
+    (`chosen`), or (null) one per visible GPU where the groups train on CUDA, else one."""
     if chosen is not None:
         return int(chosen)
     device = settings(task_cfg).runtime.device.value

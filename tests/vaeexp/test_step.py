@@ -167,7 +167,7 @@ def test_a_member_of_a_stack_steps_as_keras_whatever_its_neighbours(data):
     x = data.train_x[torch.randperm(len(data.train_x), generator=g)[:400]].view(4, 100, -1)
     noise = torch.randn(4, 100, 2, generator=g)
     model, optimizer = setup(cfgs, CPU)
-    alone = _member(model, 1)
+    alone = model.member(1)
     expected = _keras_reference_step(alone, x[1], noise[1], lr=2e-3, rho=0.85, eps=1e-6)
     before = {k: v.detach()[1].double().clone() for k, v in model.named_parameters()}
     train_step(model, optimizer, x, noise, _settings(cfgs), step=1)
@@ -178,8 +178,3 @@ def test_a_member_of_a_stack_steps_as_keras_whatever_its_neighbours(data):
 
 def _settings(cfgs):
     return StepSettings.from_configs(cfgs, CPU)
-
-
-def _member(model, m):
-    """Member m alone, a one-member VAE with its weights (as `_keras_reference_step` reads)."""
-    return model.member(m)
